@@ -1,0 +1,121 @@
+"""Every error leaves the service as one problem+json shape (RFC 9457).
+
+Bodies never echo request input and never carry a traceback; the traceback goes
+to the log under the same request id that the response carries.
+"""
+
+from http import HTTPStatus
+from typing import Any
+
+import structlog
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+PROBLEM_JSON = "application/problem+json"
+
+log = structlog.get_logger(__name__)
+
+
+def problem(
+    status: int,
+    *,
+    detail: str | None = None,
+    request_id: str | None = None,
+    instance: str | None = None,
+    headers: dict[str, str] | None = None,
+    **extensions: Any,
+) -> JSONResponse:
+    body: dict[str, Any] = {
+        "type": "about:blank",
+        "title": HTTPStatus(status).phrase,
+        "status": status,
+    }
+    if detail:
+        body["detail"] = detail
+    if instance:
+        body["instance"] = instance
+    if request_id:
+        body["request_id"] = request_id
+    body.update(extensions)
+    return JSONResponse(body, status_code=status, headers=headers, media_type=PROBLEM_JSON)
+
+
+def _request_id(request: Request) -> str | None:
+    return request.scope.get("state", {}).get("request_id")
+
+
+async def http_exception_handler(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, HTTPException)
+    phrase = HTTPStatus(exc.status_code).phrase
+    detail = exc.detail if isinstance(exc.detail, str) and exc.detail != phrase else None
+    return problem(
+        exc.status_code,
+        detail=detail,
+        request_id=_request_id(request),
+        instance=request.url.path,
+        headers=exc.headers,
+    )
+
+
+async def validation_exception_handler(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    errors = [
+        {
+            "loc": ".".join(str(part) for part in error["loc"]),
+            "msg": error["msg"],
+            "type": error["type"],
+        }
+        for error in exc.errors()
+    ]
+    return problem(
+        422,
+        detail="The request is not valid; see errors.",
+        request_id=_request_id(request),
+        instance=request.url.path,
+        errors=errors,
+    )
+
+
+EXCEPTION_HANDLERS = {
+    HTTPException: http_exception_handler,
+    RequestValidationError: validation_exception_handler,
+}
+
+
+class UnhandledErrorMiddleware:
+    """Turn an exception no handler took into a logged traceback and a 500 problem.
+
+    Sits inside the request-id and access-log middleware, so the 500 carries the
+    request id and is counted like any other response.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def send_and_track(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_track)
+        except Exception:
+            log.exception("unhandled error", path=scope["path"], method=scope["method"])
+            if started:
+                raise  # too late for a clean answer: let the server close the connection
+            request_id = scope.get("state", {}).get("request_id")
+            response = problem(
+                500,
+                detail="An unexpected error occurred; quote the request_id when reporting it.",
+                request_id=request_id,
+            )
+            await response(scope, receive, send)
