@@ -1,0 +1,152 @@
+"""Fixtures shared by the template's tests: the render plan, interpreters, services."""
+
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from .matrix import Plan, build_plan
+
+POSTGRES_ADMIN_URL = os.environ.get(
+    "PRODREADY_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
+)
+REDIS_URL = os.environ.get("PRODREADY_REDIS_URL", "redis://127.0.0.1:6379/0")
+UV = Path(sys.executable).with_name("uv")
+
+_plan: Plan | None = None
+
+
+def plan() -> Plan:
+    global _plan  # computed once per process, shared by collection and tests
+    if _plan is None:
+        _plan = build_plan()
+    return _plan
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "postgresql_only: run on PostgreSQL variants only")
+    config.addinivalue_line("markers", "postgresql_only: run on PostgreSQL variants only")
+    for stage in ("rendered", "tested", "booted"):
+        config.addinivalue_line("markers", f"stage_{stage}: counts toward the '{stage}' total")
+    plan()  # the xdist controller renders; workers find the renders cached
+
+
+# --- interpreters -----------------------------------------------------------------------------
+
+
+def find_python(version: str) -> Path:
+    """The interpreter a project answering `python_version: VERSION` runs on. Never skipped:
+    a missing interpreter fails the tests that need it."""
+    override = os.environ.get(f"PRODREADY_PYTHON_{version.replace('.', '_')}")
+    candidates = [Path(override)] if override else []
+    if found := shutil.which(f"python{version}"):
+        candidates.append(Path(found))
+    pyenv_root = Path(os.environ.get("PYENV_ROOT", Path.home() / ".pyenv"))
+    candidates += sorted(pyenv_root.glob(f"versions/{version}.*/bin/python{version}"), reverse=True)
+    for candidate in candidates:
+        # Ask the interpreter for its own path: a pyenv shim is a script, and a venv built
+        # on it would run against the shim's global site-packages.
+        probe = subprocess.run(
+            [
+                str(candidate),
+                "-c",
+                "import sys; print('%d.%d' % sys.version_info[:2], sys.executable)",
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        found_version, _, executable = probe.stdout.strip().partition(" ")
+        if probe.returncode == 0 and found_version == version:
+            return Path(executable)
+    pytest.fail(
+        f"no Python {version} interpreter found (set PRODREADY_PYTHON_{version.replace('.', '_')})"
+    )
+
+
+def uv_env() -> dict[str, str]:
+    """One shared uv cache for every rendered project; never download an interpreter."""
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith(("VIRTUAL_ENV", "PYENV_VERSION"))
+    }
+    env["UV_PYTHON_DOWNLOADS"] = "never"
+    env.setdefault("UV_LINK_MODE", "copy")
+    return env
+
+
+# --- services ------------------------------------------------------------------------------
+
+
+def require_service(host: str, port: int, name: str) -> None:
+    with socket.socket() as sock:
+        sock.settimeout(3)
+        if sock.connect_ex((host, port)) != 0:
+            pytest.fail(
+                f"{name} is not reachable on {host}:{port}; .ci/run starts it (never skipped)"
+            )
+
+
+@pytest.fixture(scope="session")
+def postgres_admin() -> str:
+    require_service("127.0.0.1", 5432, "PostgreSQL")
+    return POSTGRES_ADMIN_URL
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    require_service("127.0.0.1", 6379, "Redis")
+    return REDIS_URL
+
+
+def create_database(admin_url: str, name: str) -> str:
+    """A fresh, empty database; returns its URL."""
+    import psycopg
+
+    assert re.fullmatch(r"[a-z0-9_]+", name)
+    with psycopg.connect(admin_url, autocommit=True) as connection:
+        connection.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        connection.execute(f"CREATE DATABASE {name}")
+    return admin_url.rsplit("/", 1)[0] + f"/{name}"
+
+
+def drop_database(admin_url: str, name: str) -> None:
+    import psycopg
+
+    with psycopg.connect(admin_url, autocommit=True) as connection:
+        connection.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+# --- summary -------------------------------------------------------------------------------
+
+_outcomes: Counter[tuple[str, str]] = Counter()
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.when == "call" and report.passed:
+        for stage in ("rendered", "tested", "booted"):
+            if f"stage_{stage}" in report.keywords:
+                _outcomes[(stage, "passed")] += 1
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    current = plan()
+    groups = len(current.groups)
+    write = terminalreporter.write_line
+    write("")
+    write(
+        f"prodready matrix (template {current.digest}): {len(current.renders)} combinations, "
+        f"{groups} distinct service variants"
+    )
+    write(f"  rendered+linted: {_outcomes[('rendered', 'passed')]}/{len(current.renders)}")
+    write(f"  own test suite passed: {_outcomes[('tested', 'passed')]}/{groups}")
+    write(f"  booted and shut down cleanly: {_outcomes[('booted', 'passed')]}/{groups}")
+    write("  rule: every combination of choice/yes-no answers is rendered and linted; combinations")
+    write("  whose service files (all but answers, CI config and Markdown) are byte-identical are")
+    write("  installed, tested and booted once, on a representative chosen so every answer value")
+    write("  is covered (see tests/matrix.py).")

@@ -1,0 +1,222 @@
+"""The test matrix, derived from copier.yml, and the rendered projects it implies.
+
+Rule (printed in the summary):
+- Every combination of every question that has a closed set of answers
+  (choices; yes/no; for a multiselect: none, each alone, all) is rendered and linted.
+  Free-text questions take their default; their validators are tested separately.
+- Rendered projects are grouped by a fingerprint of everything that can change
+  how the service installs, runs or tests: all files except the answers file,
+  CI configuration and Markdown. One project per group is installed, runs its own
+  test suite and is booted; the others are byte-identical where it matters.
+- The representative of each group is picked so that, across all groups, every
+  value of every answer is on a project that is installed, tested and booted.
+"""
+
+import hashlib
+import itertools
+import json
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+BUILD = ROOT / ".cache"
+PROJECT_DIR_NAME = "acme-orders"  # the destination folder, so project_name defaults to it
+FINGERPRINT_EXCLUDES = (".copier-answers.yml", ".github/", ".gitlab-ci.yml")
+FINGERPRINT_EXCLUDED_SUFFIXES = (".md",)
+
+
+def questions() -> dict[str, dict[str, Any]]:
+    config = yaml.safe_load((ROOT / "copier.yml").read_text())
+    return {name: spec for name, spec in config.items() if not name.startswith("_")}
+
+
+def answer_values(spec: dict[str, Any]) -> list[Any] | None:
+    """The answers a question is tested with, or None for free text (default only)."""
+    choices = spec.get("choices")
+    if choices is not None:
+        values = list(choices.values()) if isinstance(choices, dict) else list(choices)
+        if spec.get("multiselect"):
+            return [[], *([value] for value in values), values]
+        return values
+    if spec.get("type") == "bool":
+        return [False, True]
+    return None
+
+
+def axes() -> dict[str, list[Any]]:
+    return {
+        name: values
+        for name, spec in questions().items()
+        if (values := answer_values(spec)) is not None
+    }
+
+
+def combinations() -> list[dict[str, Any]]:
+    names, values = zip(*axes().items(), strict=True)
+    return [dict(zip(names, combo, strict=True)) for combo in itertools.product(*values)]
+
+
+def combo_id(answers: dict[str, Any]) -> str:
+    parts = []
+    for name, value in answers.items():
+        if isinstance(value, bool):
+            parts.append(f"{name}={'yes' if value else 'no'}")
+        elif isinstance(value, list):
+            parts.append(f"{name}={'+'.join(value) or 'none'}")
+        else:
+            parts.append(f"{name}={value}")
+    return ",".join(parts)
+
+
+def template_files() -> list[Path]:
+    """The files copier would see: tracked plus untracked-but-not-ignored, as on disk."""
+    listing = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT,
+        capture_output=True,
+        check=True,
+    ).stdout.split(b"\0")
+    return sorted(
+        ROOT / name.decode() for name in listing if name and (ROOT / name.decode()).is_file()
+    )
+
+
+def template_digest() -> str:
+    digest = hashlib.sha256()
+    for path in template_files():
+        relative = path.relative_to(ROOT).as_posix()
+        if relative == "copier.yml" or relative.startswith(("template/", "hooks/")):
+            digest.update(relative.encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
+
+
+def snapshot_template(destination: Path) -> Path:
+    """Copy the template as files, without .git: copier then renders the working tree
+    as it is, without cloning and committing it once per combination."""
+    for path in template_files():
+        relative = path.relative_to(ROOT)
+        if relative.parts[0] in {"template", "hooks"} or relative.name == "copier.yml":
+            target = destination / relative
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(path, target)
+    return destination
+
+
+def fingerprint(project: Path) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(project.rglob("*")):
+        relative = path.relative_to(project).as_posix()
+        if not path.is_file() or relative.startswith(FINGERPRINT_EXCLUDES):
+            continue
+        if relative.endswith(FINGERPRINT_EXCLUDED_SUFFIXES):
+            continue
+        digest.update(relative.encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:12]
+
+
+@dataclass(frozen=True)
+class Rendered:
+    id: str
+    answers: dict[str, Any]
+    path: Path
+    fingerprint: str
+
+
+@dataclass(frozen=True)
+class Plan:
+    digest: str
+    renders: list[Rendered]
+    groups: dict[str, list[str]]  # fingerprint -> combination ids, representative first
+
+    def by_id(self, combo: str) -> Rendered:
+        return next(render for render in self.renders if render.id == combo)
+
+    def representatives(self) -> list[Rendered]:
+        return [self.by_id(ids[0]) for ids in self.groups.values()]
+
+
+def render(source: Path, destination: Path, answers: dict[str, Any]) -> Path:
+    from copier import run_copy
+
+    project = destination / PROJECT_DIR_NAME
+    run_copy(
+        str(source),
+        str(project),
+        data=answers,
+        defaults=True,
+        unsafe=False,  # the template must render without --trust
+        quiet=True,
+        overwrite=True,
+    )
+    return project
+
+
+def _pairs(rendered: Rendered) -> set[tuple[str, str]]:
+    return {(name, json.dumps(value)) for name, value in rendered.answers.items()}
+
+
+def choose_representatives(renders: list[Rendered]) -> dict[str, list[str]]:
+    """Group by fingerprint; put first in each group the member that covers the most
+    (question, value) pairs not yet covered by an earlier group's representative."""
+    groups: dict[str, list[Rendered]] = {}
+    for rendered in renders:
+        groups.setdefault(rendered.fingerprint, []).append(rendered)
+    covered: set[tuple[str, str]] = set()
+    ordered: dict[str, list[str]] = {}
+    for key, members in groups.items():
+        best = max(members, key=lambda member: len(_pairs(member) - covered))
+        covered |= _pairs(best)
+        ordered[key] = [best.id] + [member.id for member in members if member is not best]
+    return ordered
+
+
+def build_plan() -> Plan:
+    """Render every combination once per template version; reuse the result after."""
+    from filelock import FileLock
+
+    digest = template_digest()
+    base = BUILD / "renders"
+    base.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(base / ".lock")):
+        root = base / digest
+        manifest = root / "plan.json"
+        if not manifest.exists():
+            for stale in base.iterdir():
+                if stale.is_dir():
+                    shutil.rmtree(stale)
+            source = snapshot_template(root / "template-snapshot")
+            renders = []
+            for answers in combinations():
+                ident = combo_id(answers)
+                slot = hashlib.sha256(ident.encode()).hexdigest()[:10]
+                project = render(source, root / slot, answers)
+                renders.append(Rendered(ident, answers, project, fingerprint(project)))
+            groups = choose_representatives(renders)
+            manifest.write_text(
+                json.dumps(
+                    {
+                        "renders": [
+                            {
+                                "id": r.id,
+                                "answers": r.answers,
+                                "path": str(r.path),
+                                "fingerprint": r.fingerprint,
+                            }
+                            for r in renders
+                        ],
+                        "groups": groups,
+                    },
+                    indent=1,
+                )
+            )
+        data = json.loads(manifest.read_text())
+    renders = [
+        Rendered(item["id"], item["answers"], Path(item["path"]), item["fingerprint"])
+        for item in data["renders"]
+    ]
+    return Plan(digest, renders, data["groups"])
