@@ -1,5 +1,6 @@
 """Fixtures shared by the template's tests: the render plan, interpreters, services."""
 
+import itertools
 import os
 import re
 import shutil
@@ -7,11 +8,13 @@ import socket
 import subprocess
 import sys
 from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from .matrix import Plan, build_plan
+from .matrix import Plan, Rendered, build_plan
 
 POSTGRES_ADMIN_URL = os.environ.get(
     "PRODREADY_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -30,8 +33,8 @@ def plan() -> Plan:
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "postgresql_only: run on PostgreSQL variants only")
-    config.addinivalue_line("markers", "postgresql_only: run on PostgreSQL variants only")
+    config.addinivalue_line("markers", "databases(*names): run on variants with these databases")
+    config.addinivalue_line("markers", "databases(*names): run on variants with these databases")
     for stage in ("rendered", "tested", "booted"):
         config.addinivalue_line("markers", f"stage_{stage}: counts toward the '{stage}' total")
     plan()  # the xdist controller renders; workers find the renders cached
@@ -120,6 +123,95 @@ def drop_database(admin_url: str, name: str) -> None:
 
     with psycopg.connect(admin_url, autocommit=True) as connection:
         connection.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+# --- installed variants ----------------------------------------------------------------------
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Parametrize the `installed` fixture with one representative per service variant,
+    narrowed by a `databases(...)` marker; each variant's tests stay on one xdist worker."""
+    if "installed" not in metafunc.fixturenames:
+        return
+    representatives = plan().representatives()
+    if marker := metafunc.definition.get_closest_marker("databases"):
+        representatives = [r for r in representatives if r.answers["database"] in marker.args]
+    metafunc.parametrize(
+        "installed",
+        [
+            pytest.param(r, id=r.id, marks=pytest.mark.xdist_group(r.fingerprint))
+            for r in representatives
+        ],
+        indirect=True,
+        scope="session",
+    )
+
+
+@dataclass
+class Project:
+    rendered: Rendered
+    path: Path
+    env: dict[str, str]  # what the service needs to run: ENVIRONMENT and its services
+
+    @property
+    def python(self) -> Path:
+        return self.path / ".venv" / "bin" / "python"
+
+    def run(self, *args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            args, cwd=self.path, env=self.env, capture_output=True, text=True, timeout=timeout
+        )
+
+
+_installed: set[str] = set()
+
+
+def install(rendered: Rendered) -> None:
+    """uv sync, once per variant and process, on the interpreter its answer names."""
+    if rendered.fingerprint in _installed:
+        return
+    python = find_python(rendered.answers["python_version"])
+    result = subprocess.run(
+        [UV, "sync", "--python", str(python), "--quiet"],
+        cwd=rendered.path,
+        env=uv_env(),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stderr
+    _installed.add(rendered.fingerprint)
+
+
+@pytest.fixture(scope="session")
+def installed(request: pytest.FixtureRequest) -> Rendered:
+    install(request.param)
+    return request.param
+
+
+@pytest.fixture
+def variant(
+    installed: Rendered, request: pytest.FixtureRequest, tmp_path: Path
+) -> Iterator[Project]:
+    """The installed project with a fresh database (and the shared Redis) for one test."""
+    answers = installed.answers
+    env = {k: v for k, v in uv_env().items() if not k.startswith("UV_")}
+    env.update(ENVIRONMENT="test", LOG_FORMAT="json")
+    database = None
+    if answers["database"] == "postgresql":
+        postgres_admin = request.getfixturevalue("postgres_admin")
+        database = f"prodready_{installed.fingerprint}_{next(_database_numbers)}_{os.getpid()}"
+        env["DATABASE_URL"] = create_database(postgres_admin, database)
+    elif answers["database"] == "sqlite":
+        env["DATABASE_URL"] = f"sqlite:///{tmp_path}/app.db"
+    if answers["redis"]:
+        env["REDIS_URL"] = request.getfixturevalue("redis_url")
+    yield Project(installed, installed.path, env)
+    if database:
+        drop_database(request.getfixturevalue("postgres_admin"), database)
+
+
+_database_numbers = itertools.count()
 
 
 # --- summary -------------------------------------------------------------------------------

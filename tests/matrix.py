@@ -17,7 +17,7 @@ import itertools
 import json
 import shutil
 import subprocess
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -87,7 +87,8 @@ def template_files() -> list[Path]:
 
 
 def template_digest() -> str:
-    digest = hashlib.sha256()
+    """What the renders depend on: the template, and how this module renders and records it."""
+    digest = hashlib.sha256(Path(__file__).read_bytes())
     for path in template_files():
         relative = path.relative_to(ROOT).as_posix()
         if relative == "copier.yml" or relative.startswith(("template/", "hooks/")):
@@ -125,6 +126,7 @@ class Rendered:
     answers: dict[str, Any]
     path: Path
     fingerprint: str
+    files: tuple[str, ...]  # as rendered; installs and test runs add more beside them
 
 
 @dataclass(frozen=True)
@@ -195,20 +197,17 @@ def build_plan() -> Plan:
                 ident = combo_id(answers)
                 slot = hashlib.sha256(ident.encode()).hexdigest()[:10]
                 project = render(source, root / slot, answers)
-                renders.append(Rendered(ident, answers, project, fingerprint(project)))
+                files = tuple(
+                    p.relative_to(project).as_posix()
+                    for p in sorted(project.rglob("*"))
+                    if p.is_file()
+                )
+                renders.append(Rendered(ident, answers, project, fingerprint(project), files))
             groups = choose_representatives(renders)
             manifest.write_text(
                 json.dumps(
                     {
-                        "renders": [
-                            {
-                                "id": r.id,
-                                "answers": r.answers,
-                                "path": str(r.path),
-                                "fingerprint": r.fingerprint,
-                            }
-                            for r in renders
-                        ],
+                        "renders": [{**asdict(r), "path": str(r.path)} for r in renders],
                         "groups": groups,
                     },
                     indent=1,
@@ -216,7 +215,13 @@ def build_plan() -> Plan:
             )
         data = json.loads(manifest.read_text())
     renders = [
-        Rendered(item["id"], item["answers"], Path(item["path"]), item["fingerprint"])
+        Rendered(
+            item["id"],
+            item["answers"],
+            Path(item["path"]),
+            item["fingerprint"],
+            tuple(item["files"]),
+        )
         for item in data["renders"]
     ]
     return Plan(digest, renders, data["groups"])

@@ -1,106 +1,19 @@
 """Each distinct service variant: install it, run its own tests, boot it as a real process."""
 
-import itertools
 import json
-import os
 import signal
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx2
 import pytest
 
-from .conftest import UV, create_database, drop_database, find_python, plan, uv_env
-from .matrix import Rendered
+from .conftest import Project
+from .service import free_port, wait_until_listening
 
 SHUTDOWN_TIMEOUT = 5
-
-
-def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    if "installed" in metafunc.fixturenames:
-        representatives = plan().representatives()
-        if metafunc.definition.get_closest_marker("postgresql_only"):
-            representatives = [r for r in representatives if r.answers["database"] == "postgresql"]
-        metafunc.parametrize(
-            "installed",
-            [
-                pytest.param(r, id=r.id, marks=pytest.mark.xdist_group(r.fingerprint))
-                for r in representatives
-            ],
-            indirect=True,
-            scope="session",
-        )
-
-
-@dataclass
-class Project:
-    rendered: Rendered
-    path: Path
-    env: dict[str, str]  # what the service needs to run: ENVIRONMENT and its services
-
-    @property
-    def python(self) -> Path:
-        return self.path / ".venv" / "bin" / "python"
-
-    def run(self, *args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            args, cwd=self.path, env=self.env, capture_output=True, text=True, timeout=timeout
-        )
-
-
-_installed: set[str] = set()
-
-
-def install(rendered: Rendered) -> None:
-    """uv sync, once per variant and process, on the interpreter its answer names."""
-    if rendered.fingerprint in _installed:
-        return
-    python = find_python(rendered.answers["python_version"])
-    result = subprocess.run(
-        [UV, "sync", "--python", str(python), "--quiet"],
-        cwd=rendered.path,
-        env=uv_env(),
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert result.returncode == 0, result.stderr
-    _installed.add(rendered.fingerprint)
-
-
-@pytest.fixture(scope="session")
-def installed(request: pytest.FixtureRequest) -> Rendered:
-    install(request.param)
-    return request.param
-
-
-@pytest.fixture
-def variant(
-    installed: Rendered, request: pytest.FixtureRequest, tmp_path: Path
-) -> Iterator[Project]:
-    """The installed project with a fresh database (and the shared Redis) for one test."""
-    answers = installed.answers
-    env = {k: v for k, v in uv_env().items() if not k.startswith("UV_")}
-    env.update(ENVIRONMENT="test", LOG_FORMAT="json")
-    database = None
-    if answers["database"] == "postgresql":
-        postgres_admin = request.getfixturevalue("postgres_admin")
-        database = f"prodready_{installed.fingerprint}_{next(_database_numbers)}_{os.getpid()}"
-        env["DATABASE_URL"] = create_database(postgres_admin, database)
-    elif answers["database"] == "sqlite":
-        env["DATABASE_URL"] = f"sqlite:///{tmp_path}/app.db"
-    if answers["redis"]:
-        env["REDIS_URL"] = request.getfixturevalue("redis_url")
-    yield Project(installed, installed.path, env)
-    if database:
-        drop_database(request.getfixturevalue("postgres_admin"), database)
-
-
-_database_numbers = itertools.count()
 
 
 @pytest.mark.stage_tested
@@ -110,25 +23,11 @@ def test_own_test_suite_passes(variant: Project) -> None:
     assert " passed" in result.stdout
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_until_listening(process: subprocess.Popen[str], port: int, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert process.poll() is None, f"exited early with {process.returncode}"
-        with socket.socket() as sock:
-            if sock.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.05)
-    pytest.fail(f"not listening on {port} after {timeout}s")
-
-
 @pytest.mark.stage_booted
 def test_boots_answers_health_and_shuts_down_cleanly(variant: Project) -> None:
+    if variant.rendered.answers["database"] != "none":  # the release step comes first
+        migrated = variant.run(str(variant.python), "-m", "acme_orders", "migrate", timeout=120)
+        assert migrated.returncode == 0, migrated.stdout + migrated.stderr
     port = free_port()
     env = {**variant.env, "PORT": str(port), "SHUTDOWN_TIMEOUT": str(SHUTDOWN_TIMEOUT)}
     process = subprocess.Popen(
@@ -193,7 +92,7 @@ def test_missing_configuration_stops_before_binding(variant: Project, tmp_path: 
         assert sock.connect_ex(("127.0.0.1", port)) != 0
 
 
-@pytest.mark.postgresql_only
+@pytest.mark.databases("postgresql")
 def test_readiness_fails_fast_and_liveness_holds_when_postgres_hangs(variant: Project) -> None:
     with socket.socket() as silent:  # accepts connections, never answers: a hung database
         silent.bind(("127.0.0.1", 0))

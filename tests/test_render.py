@@ -23,15 +23,11 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         metafunc.parametrize("rendered", renders, ids=[r.id for r in renders])
 
 
-def files(project: Path) -> list[Path]:
-    return [p for p in sorted(project.rglob("*")) if p.is_file() and ".venv" not in p.parts]
-
-
 @pytest.mark.stage_rendered
 def test_renders_clean_and_lints(rendered: Rendered) -> None:
     project, answers = rendered.path, rendered.answers
-    for path in files(project):
-        relative = path.relative_to(project).as_posix()
+    for relative in rendered.files:
+        path = project / relative
         assert not JINJA_MARKER.search(relative), f"Jinja left in a file name: {relative}"
         assert not relative.endswith(".jinja"), relative
         text = path.read_text()
