@@ -11,7 +11,7 @@ import httpx2
 import pytest
 
 from .conftest import Project
-from .service import free_port, wait_until_listening
+from .service import free_port, running
 
 SHUTDOWN_TIMEOUT = 5
 
@@ -24,23 +24,13 @@ def test_own_test_suite_passes(variant: Project) -> None:
 
 
 @pytest.mark.stage_booted
-def test_boots_answers_health_and_shuts_down_cleanly(variant: Project) -> None:
+def test_boots_answers_health_and_shuts_down_cleanly(variant: Project, tmp_path: Path) -> None:
     if variant.rendered.answers["database"] != "none":  # the release step comes first
         migrated = variant.run(str(variant.python), "-m", "acme_orders", "migrate", timeout=120)
         assert migrated.returncode == 0, migrated.stdout + migrated.stderr
-    port = free_port()
-    env = {**variant.env, "PORT": str(port), "SHUTDOWN_TIMEOUT": str(SHUTDOWN_TIMEOUT)}
-    process = subprocess.Popen(
-        [str(variant.python), "-m", "acme_orders"],
-        cwd=variant.path,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    try:
-        wait_until_listening(process, port)
-        base = f"http://127.0.0.1:{port}"
+    env = {**variant.env, "SHUTDOWN_TIMEOUT": str(SHUTDOWN_TIMEOUT)}
+    log = tmp_path / "server.log"
+    with running(variant.python, variant.path, env, output=log) as (base, process):
         assert httpx2.get(f"{base}/healthz", timeout=5).status_code == 200
         ready = httpx2.get(f"{base}/readyz", timeout=5)
         assert ready.status_code == 200, ready.text
@@ -52,12 +42,9 @@ def test_boots_answers_health_and_shuts_down_cleanly(variant: Project) -> None:
         assert set(ready.json()["checks"]) == expected
         process.send_signal(signal.SIGTERM)
         started = time.monotonic()
-        output, _ = process.communicate(timeout=SHUTDOWN_TIMEOUT + 10)
+        process.wait(timeout=SHUTDOWN_TIMEOUT + 10)
         elapsed = time.monotonic() - started
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.communicate()
+    output = log.read_text()
     assert process.returncode == 0, output
     assert elapsed < SHUTDOWN_TIMEOUT + 5, output
     events = [json.loads(line)["event"] for line in output.splitlines() if line.startswith("{")]
@@ -98,18 +85,8 @@ def test_readiness_fails_fast_and_liveness_holds_when_postgres_hangs(variant: Pr
         silent.bind(("127.0.0.1", 0))
         silent.listen(64)
         hung = f"postgresql://app:pw@127.0.0.1:{silent.getsockname()[1]}/app"
-        port = free_port()
-        env = {**variant.env, "PORT": str(port), "DATABASE_URL": hung, "READINESS_TIMEOUT": "1"}
-        process = subprocess.Popen(
-            [str(variant.python), "-m", "acme_orders"],
-            cwd=variant.path,
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        try:
-            wait_until_listening(process, port)
-            base = f"http://127.0.0.1:{port}"
+        env = {**variant.env, "DATABASE_URL": hung, "READINESS_TIMEOUT": "1"}
+        with running(variant.python, variant.path, env) as (base, _):
             started = time.monotonic()
             ready = httpx2.get(f"{base}/readyz", timeout=10)
             elapsed = time.monotonic() - started
@@ -117,6 +94,3 @@ def test_readiness_fails_fast_and_liveness_holds_when_postgres_hangs(variant: Pr
             assert ready.json()["checks"]["database:responsive"][0]["output"] == "TimeoutError"
             assert elapsed < 2.5, f"readiness took {elapsed:.1f}s with a 1s check timeout"
             assert httpx2.get(f"{base}/healthz", timeout=5).status_code == 200
-        finally:
-            process.send_signal(signal.SIGTERM)
-            process.wait(timeout=SHUTDOWN_TIMEOUT + 10)
