@@ -38,6 +38,10 @@ def test_renders_clean_and_lints(rendered: Rendered) -> None:
             list(yaml.safe_load_all(text))
         if path.suffix == ".py":
             compile(text, relative, "exec")
+        if path.suffix == ".md":  # whitespace control must not glue a heading to text
+            assert not re.search(r"[^\n#]#{2,} ", text.replace("```", "")), (
+                f"broken heading: {relative}"
+            )
     for command in (["check", "--no-cache", "."], ["format", "--check", "--no-cache", "."]):
         result = subprocess.run([RUFF, *command], cwd=project, capture_output=True, text=True)
         assert result.returncode == 0, f"ruff {command[0]}:\n{result.stdout}{result.stderr}"
@@ -57,6 +61,9 @@ def test_renders_clean_and_lints(rendered: Rendered) -> None:
 
     assert (project / ".github/workflows/ci.yml").exists() == (answers["ci"] == "github")
     assert (project / ".gitlab-ci.yml").exists() == (answers["ci"] == "gitlab")
+    readme = (project / "README.md").read_text()
+    if answers["database"] != "none":  # following the README must never serve an empty schema
+        assert "python -m acme_orders migrate" in readme.split("## Configure it")[0]
     version = answers["python_version"]
     assert (project / ".python-version").read_text().strip() == version
     assert f"ARG PYTHON_VERSION={version}\n" in (project / "Dockerfile").read_text()
