@@ -7,6 +7,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import uuid
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from . import credentials
 from .matrix import Plan, Rendered, build_plan
 
 POSTGRES_ADMIN_URL = os.environ.get(
@@ -34,7 +36,8 @@ def plan() -> Plan:
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "databases(*names): run on variants with these databases")
-    config.addinivalue_line("markers", "databases(*names): run on variants with these databases")
+    config.addinivalue_line("markers", "redis: run on variants that use Redis")
+    config.addinivalue_line("markers", "per_source: run once per distinct service source")
     for stage in ("rendered", "tested", "booted"):
         config.addinivalue_line("markers", f"stage_{stage}: counts toward the '{stage}' total")
     plan()  # the xdist controller renders; workers find the renders cached
@@ -136,6 +139,10 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     representatives = plan().representatives()
     if marker := metafunc.definition.get_closest_marker("databases"):
         representatives = [r for r in representatives if r.answers["database"] in marker.args]
+    if metafunc.definition.get_closest_marker("redis"):
+        representatives = [r for r in representatives if r.answers["redis"]]
+    if metafunc.definition.get_closest_marker("per_source"):
+        representatives = one_per_source(representatives)
     metafunc.parametrize(
         "installed",
         [
@@ -145,6 +152,22 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         indirect=True,
         scope="session",
     )
+
+
+def one_per_source(representatives: list[Rendered]) -> list[Rendered]:
+    """One variant per distinct service source: variants that differ only in
+    `python_version` run byte-identical code (src/ and tests/), so behaviour tests
+    run once per source, on interpreters taken in turn so every version is used.
+    Every variant still installs, runs its own suite and boots (test_projects.py)."""
+    by_source: dict[str, list[Rendered]] = {}
+    for rendered in representatives:
+        key = repr(sorted((k, v) for k, v in rendered.answers.items() if k != "python_version"))
+        by_source.setdefault(key, []).append(rendered)
+    chosen = []
+    for index, group in enumerate(by_source.values()):
+        group.sort(key=lambda r: r.answers["python_version"])
+        chosen.append(group[index % len(group)])
+    return chosen
 
 
 @dataclass
@@ -157,30 +180,38 @@ class Project:
     def python(self) -> Path:
         return self.path / ".venv" / "bin" / "python"
 
+    @property
+    def headers(self) -> dict[str, str]:
+        """Credentials for the service's protected routes (every route but health checks)."""
+        auth = self.rendered.answers["auth"]
+        return credentials.headers(auth, self.python, self.path, self.env)
+
     def run(self, *args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             args, cwd=self.path, env=self.env, capture_output=True, text=True, timeout=timeout
         )
 
 
-_installed: set[str] = set()
-
-
 def install(rendered: Rendered) -> None:
-    """uv sync, once per variant and process, on the interpreter its answer names."""
-    if rendered.fingerprint in _installed:
-        return
-    python = find_python(rendered.answers["python_version"])
-    result = subprocess.run(
-        [UV, "sync", "--python", str(python), "--quiet"],
-        cwd=rendered.path,
-        env=uv_env(),
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert result.returncode == 0, result.stderr
-    _installed.add(rendered.fingerprint)
+    """uv sync, once per variant across all xdist workers, on the interpreter its answer
+    names. A file lock plus a marker: any worker may be first to need a variant."""
+    from filelock import FileLock
+
+    marker = rendered.path / ".venv" / ".prodready-installed"
+    with FileLock(str(rendered.path.parent / "install.lock")):
+        if marker.exists():
+            return
+        python = find_python(rendered.answers["python_version"])
+        result = subprocess.run(
+            [UV, "sync", "--python", str(python), "--quiet"],
+            cwd=rendered.path,
+            env=uv_env(),
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
+        assert result.returncode == 0, result.stderr
+        marker.touch()
 
 
 @pytest.fixture(scope="session")
@@ -197,6 +228,9 @@ def variant(
     answers = installed.answers
     env = {k: v for k, v in uv_env().items() if not k.startswith("UV_")}
     env.update(ENVIRONMENT="test", LOG_FORMAT="json")
+    env.update(credentials.service_env(answers["auth"]))
+    # Tests that are not about rate limits must not trip them; test_runtime.py turns them on.
+    env.update(RATE_LIMIT_ENABLED="false", RATE_LIMIT_NAMESPACE=f"suite-{uuid.uuid4().hex}")
     database = None
     if answers["database"] == "postgresql":
         postgres_admin = request.getfixturevalue("postgres_admin")
@@ -239,6 +273,12 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     write(f"  own test suite passed: {_outcomes[('tested', 'passed')]}/{groups}")
     write(f"  booted and shut down cleanly: {_outcomes[('booted', 'passed')]}/{groups}")
     write("  rule: every combination of choice/yes-no answers is rendered and linted; combinations")
-    write("  whose service files (all but answers, CI config and Markdown) are byte-identical are")
-    write("  installed, tested and booted once, on a representative chosen so every answer value")
-    write("  is covered (see tests/matrix.py).")
+    write("  whose service files (all but answers, CI config, Markdown and assistant rules) are")
+    write("  byte-identical are installed, tested and booted once, on a representative chosen so")
+    write("  every answer value is covered (see tests/matrix.py).")
+    if current.documentation:
+        write(
+            f"  documentation axes ({', '.join(current.documentation)}): only add documents, so"
+            " they take their default in every combination and each other answer is"
+            " rendered once, on the defaults."
+        )

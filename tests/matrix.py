@@ -4,6 +4,12 @@ Rule (printed in the summary):
 - Every combination of every question that has a closed set of answers
   (choices; yes/no; for a multiselect: none, each alone, all) is rendered and linted.
   Free-text questions take their default; their validators are tested separately.
+- Except documentation axes: a multiselect whose default is every choice and whose
+  values give the same fingerprint on the default answers (it only adds documents, such
+  as `assistants`). It takes its default, so every file it can add is rendered in every
+  combination; each other value is rendered once more, on the default answers. This is
+  checked on every plan, so a multiselect that starts changing service files is crossed
+  with everything again.
 - Rendered projects are grouped by a fingerprint of everything that can change
   how the service installs, runs or tests: all files except the answers file,
   CI configuration and Markdown. One project per group is installed, runs its own
@@ -15,8 +21,10 @@ Rule (printed in the summary):
 import hashlib
 import itertools
 import json
+import os
 import shutil
 import subprocess
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -24,10 +32,10 @@ from typing import Any
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
-BUILD = ROOT / ".cache"
+BUILD = Path(os.environ.get("PRODREADY_BUILD_DIR") or ROOT / ".cache")  # renders, reused
 PROJECT_DIR_NAME = "acme-orders"  # the destination folder, so project_name defaults to it
-FINGERPRINT_EXCLUDES = (".copier-answers.yml", ".github/", ".gitlab-ci.yml")
-FINGERPRINT_EXCLUDED_SUFFIXES = (".md",)
+FINGERPRINT_EXCLUDES = (".copier-answers.yml", ".github/", ".gitlab-ci.yml", ".cursor/")
+FINGERPRINT_EXCLUDED_SUFFIXES = (".md", ".mdc")
 
 
 def questions() -> dict[str, dict[str, Any]]:
@@ -56,9 +64,35 @@ def axes() -> dict[str, list[Any]]:
     }
 
 
-def combinations() -> list[dict[str, Any]]:
-    names, values = zip(*axes().items(), strict=True)
-    return [dict(zip(names, combo, strict=True)) for combo in itertools.product(*values)]
+def default_answers() -> dict[str, Any]:
+    specs = questions()
+    return {name: specs[name].get("default") for name in axes()}
+
+
+def documentation_candidates() -> list[str]:
+    """Multiselects whose default is every choice: if their values also leave the
+    fingerprint alone, they only add documents (see the rule above)."""
+    candidates = []
+    for name, values in axes().items():
+        spec = questions()[name]
+        if spec.get("multiselect") and sorted(spec.get("default") or []) == sorted(values[-1]):
+            candidates.append(name)
+    return candidates
+
+
+def combinations(documentation: frozenset[str] = frozenset()) -> list[dict[str, Any]]:
+    """The full cross product, except that documentation axes take their default there and
+    each of their other values is added once, on the default answers."""
+    defaults = default_answers()
+    crossed = {
+        name: [defaults[name]] if name in documentation else values
+        for name, values in axes().items()
+    }
+    names, values = zip(*crossed.items(), strict=True)
+    combos = [dict(zip(names, combo, strict=True)) for combo in itertools.product(*values)]
+    for name in sorted(documentation):
+        combos += [{**defaults, name: v} for v in axes()[name] if v != defaults[name]]
+    return combos
 
 
 def combo_id(answers: dict[str, Any]) -> str:
@@ -134,6 +168,7 @@ class Plan:
     digest: str
     renders: list[Rendered]
     groups: dict[str, list[str]]  # fingerprint -> combination ids, representative first
+    documentation: tuple[str, ...] = ()  # axes not crossed with the others (see the rule)
 
     def by_id(self, combo: str) -> Rendered:
         return next(render for render in self.renders if render.id == combo)
@@ -156,6 +191,25 @@ def render(source: Path, destination: Path, answers: dict[str, Any]) -> Path:
         overwrite=True,
     )
     return project
+
+
+def render_one(root: Path, source: Path, answers: dict[str, Any]) -> Rendered:
+    ident = combo_id(answers)
+    slot = hashlib.sha256(ident.encode()).hexdigest()[:10]
+    project = render(source, root / slot, answers)
+    files = tuple(
+        p.relative_to(project).as_posix() for p in sorted(project.rglob("*")) if p.is_file()
+    )
+    return Rendered(ident, answers, project, fingerprint(project), files)
+
+
+def render_all(root: Path, source: Path, combos: list[dict[str, Any]]) -> list[Rendered]:
+    """Rendering is CPU-bound Jinja: one process per core."""
+    if len(combos) < 2:
+        return [render_one(root, source, answers) for answers in combos]
+    with ProcessPoolExecutor(max_workers=min(os.cpu_count() or 1, len(combos))) as pool:
+        count = len(combos)
+        return list(pool.map(render_one, [root] * count, [source] * count, combos, chunksize=4))
 
 
 def _pairs(rendered: Rendered) -> set[tuple[str, str]]:
@@ -192,23 +246,26 @@ def build_plan() -> Plan:
                 if stale.is_dir():
                     shutil.rmtree(stale)
             source = snapshot_template(root / "template-snapshot")
-            renders = []
-            for answers in combinations():
-                ident = combo_id(answers)
-                slot = hashlib.sha256(ident.encode()).hexdigest()[:10]
-                project = render(source, root / slot, answers)
-                files = tuple(
-                    p.relative_to(project).as_posix()
-                    for p in sorted(project.rglob("*"))
-                    if p.is_file()
-                )
-                renders.append(Rendered(ident, answers, project, fingerprint(project), files))
+            defaults = default_answers()
+            probes = {
+                name: render_all(root, source, [{**defaults, name: v} for v in axes()[name]])
+                for name in documentation_candidates()
+            }
+            documentation = frozenset(
+                name for name, done in probes.items() if len({r.fingerprint for r in done}) == 1
+            )
+            done = {r.id: r for rendered in probes.values() for r in rendered}
+            combos = combinations(documentation)
+            todo = [answers for answers in combos if combo_id(answers) not in done]
+            done.update((r.id, r) for r in render_all(root, source, todo))
+            renders = [done[combo_id(answers)] for answers in combos]
             groups = choose_representatives(renders)
             manifest.write_text(
                 json.dumps(
                     {
                         "renders": [{**asdict(r), "path": str(r.path)} for r in renders],
                         "groups": groups,
+                        "documentation": sorted(documentation),
                     },
                     indent=1,
                 )
@@ -224,4 +281,4 @@ def build_plan() -> Plan:
         )
         for item in data["renders"]
     ]
-    return Plan(digest, renders, data["groups"])
+    return Plan(digest, renders, data["groups"], tuple(data["documentation"]))

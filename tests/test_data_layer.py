@@ -17,6 +17,8 @@ import pytest
 from .conftest import POSTGRES_ADMIN_URL, Project
 from .service import running
 
+pytestmark = pytest.mark.per_source
+
 POOL_SIZE = 5
 POOL_TIMEOUT = 2.0
 
@@ -66,7 +68,9 @@ def test_pool_exhaustion_sheds_load_with_503_and_never_exceeds_the_pool(variant:
 
     async def burst(base: str) -> list[tuple[int, float, str | None]]:
         limits = httpx2.Limits(max_connections=250, max_keepalive_connections=0)
-        async with httpx2.AsyncClient(base_url=base, limits=limits, timeout=60) as client:
+        async with httpx2.AsyncClient(
+            base_url=base, limits=limits, timeout=60, headers=variant.headers
+        ) as client:
 
             async def one() -> tuple[int, float, str | None]:
                 started = time.monotonic()
@@ -101,16 +105,23 @@ def test_sigkill_mid_write_leaves_no_half_written_request_and_restart_keeps_data
     assert migrate(variant).returncode == 0
     database = database_name(variant)
     with running(variant.python, variant.path, variant.env) as (base, _):
-        before = httpx2.post(f"{base}/notes", json={"title": "before restart 🎉"}, timeout=10)
+        before = httpx2.post(
+            f"{base}/notes",
+            json={"title": "before restart 🎉"},
+            headers=variant.headers,
+            timeout=10,
+        )
         assert before.status_code == 201
     with running(variant.python, variant.path, variant.env) as (base, _):  # a clean restart
-        kept = httpx2.get(f"{base}/notes/{before.json()['id']}", timeout=10)
+        kept = httpx2.get(
+            f"{base}/notes/{before.json()['id']}", headers=variant.headers, timeout=10
+        )
         assert kept.json() == before.json()
 
     stop = threading.Event()
 
     def write_until_killed(base: str, worker: int) -> None:
-        with httpx2.Client(base_url=base, timeout=5) as client:
+        with httpx2.Client(base_url=base, timeout=5, headers=variant.headers) as client:
             for n in range(10_000):
                 if stop.is_set():
                     return
@@ -169,7 +180,7 @@ def test_migrations_up_down_up_and_three_concurrent_upgrades(variant: Project) -
     outputs = [run.communicate(timeout=120)[0] for run in runs]
     assert [run.returncode for run in runs] == [0, 0, 0], outputs
     (version,) = postgres("SELECT version_num FROM alembic_version", database_name(variant))
-    assert version == ("0001",)
+    assert version == ("0002",)
 
 
 HOSTILE_CREATES = [
@@ -192,14 +203,16 @@ def test_hostile_creates_get_4xx_or_store_exactly_what_was_sent(variant: Project
             response = httpx2.post(
                 f"{base}/notes",
                 content=body.encode(),
-                headers={"content-type": content_type},
+                headers={**variant.headers, "content-type": content_type},
                 timeout=10,
             )
             assert response.status_code == expected, (body[:40], response.text)
             assert "Traceback" not in response.text
             if expected == 201:
                 assert response.json()["title"] == json.loads(body)["title"]
-        stored = httpx2.get(f"{base}/notes", params={"limit": 100}, timeout=10).json()["items"]
+        stored = httpx2.get(
+            f"{base}/notes", params={"limit": 100}, headers=variant.headers, timeout=10
+        ).json()["items"]
     assert len(stored) == sum(1 for *_, expected in HOSTILE_CREATES if expected == 201)
 
 
@@ -208,7 +221,7 @@ def test_sqlite_twenty_concurrent_writers_all_succeed(variant: Project) -> None:
     assert migrate(variant).returncode == 0
 
     async def writers(base: str) -> list[int]:
-        async with httpx2.AsyncClient(base_url=base, timeout=30) as client:
+        async with httpx2.AsyncClient(base_url=base, timeout=30, headers=variant.headers) as client:
             responses = await asyncio.gather(
                 *(client.post("/notes", json={"title": f"writer {n}"}) for n in range(20))
             )
@@ -217,7 +230,9 @@ def test_sqlite_twenty_concurrent_writers_all_succeed(variant: Project) -> None:
     env = {**variant.env, "DB_POOL_SIZE": "20", "DB_MAX_OVERFLOW": "0"}
     with running(variant.python, variant.path, env) as (base, _):
         assert asyncio.run(writers(base)) == [201] * 20
-        stored = httpx2.get(f"{base}/notes", params={"limit": 100}, timeout=10).json()["items"]
+        stored = httpx2.get(
+            f"{base}/notes", params={"limit": 100}, headers=variant.headers, timeout=10
+        ).json()["items"]
     assert len(stored) == 20
     database = variant.env["DATABASE_URL"].removeprefix("sqlite:///")
     with contextlib.closing(sqlite3.connect(database)) as connection:

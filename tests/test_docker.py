@@ -297,6 +297,7 @@ def image_env(variant: Project, stage: Stage, port: int, home: Path) -> dict[str
     return env
 
 
+@pytest.mark.per_source
 def test_image_entrypoint_as_pid1_drains_on_sigterm_and_healthcheck_works(
     variant: Project, data_dir: Path, tmp_path: Path
 ) -> None:
@@ -371,6 +372,7 @@ def test_image_entrypoint_as_pid1_drains_on_sigterm_and_healthcheck_works(
                 pool.submit(
                     httpx2.get,
                     f"{base}/_test/sleep?seconds={SLEEP_SECONDS}",
+                    headers=variant.headers,
                     timeout=SHUTDOWN_TIMEOUT + 10,
                 )
                 for _ in range(IN_FLIGHT)
@@ -423,6 +425,7 @@ def test_image_entrypoint_as_pid1_drains_on_sigterm_and_healthcheck_works(
 # --- compose.yaml and its staging override ------------------------------------------------
 
 
+@pytest.mark.per_source
 def test_compose_runs_the_image_with_healthy_dependencies_and_valid_settings(
     installed: Rendered, tmp_path: Path
 ) -> None:

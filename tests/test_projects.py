@@ -10,6 +10,7 @@ from pathlib import Path
 import httpx2
 import pytest
 
+from . import credentials
 from .conftest import Project
 from .service import free_port, running
 
@@ -54,12 +55,14 @@ def test_boots_answers_health_and_shuts_down_cleanly(variant: Project, tmp_path:
     assert "Traceback" not in output
 
 
+@pytest.mark.per_source
 def test_missing_configuration_stops_before_binding(variant: Project, tmp_path: Path) -> None:
     port = free_port()
     answers = variant.rendered.answers
     required = ["ENVIRONMENT"]
     required += ["DATABASE_URL"] if answers["database"] != "none" else []
     required += ["REDIS_URL"] if answers["redis"] else []
+    required += credentials.required(answers["auth"])
     env = {k: v for k, v in variant.env.items() if k not in required}
     env["PORT"] = str(port)
     result = subprocess.run(
@@ -79,6 +82,7 @@ def test_missing_configuration_stops_before_binding(variant: Project, tmp_path: 
         assert sock.connect_ex(("127.0.0.1", port)) != 0
 
 
+@pytest.mark.per_source
 @pytest.mark.databases("postgresql")
 def test_readiness_fails_fast_and_liveness_holds_when_postgres_hangs(variant: Project) -> None:
     with socket.socket() as silent:  # accepts connections, never answers: a hung database

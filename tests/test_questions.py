@@ -27,6 +27,7 @@ INVALID = [
     ("author_name", "", "must not be empty"),
     ("author_email", "team.example.org", "is not an e-mail address"),
     ("database", "mysql", "mysql"),
+    ("auth", "basic", "basic"),
     ("python_version", "3.10", "3.10"),
 ]
 

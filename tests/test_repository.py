@@ -30,7 +30,9 @@ def test_readme_has_a_row_for_every_question_with_its_choices_and_default() -> N
         values = (choices.values() if isinstance(choices, dict) else choices) or []
         for value in values:
             assert f"`{value}`" in rows[name], f"README row for {name} lacks {value}"
-        if isinstance(spec.get("default"), bool):
+        if isinstance(spec.get("default"), list):  # a multiselect: every default choice
+            assert all(f"`{value}`" in rows[name].split("|")[3] for value in spec["default"])
+        elif isinstance(spec.get("default"), bool):
             assert ("yes" if spec["default"] else "no") in rows[name].split("|")[3]
         elif choices:
             assert f"`{spec['default']}`" in rows[name].split("|")[3]

@@ -15,8 +15,12 @@ import structlog
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
+from .auth import public
+
 HEALTH_JSON = "application/health+json"
 NO_STORE = {"Cache-Control": "no-store"}
+# Probes are never rate limited: a throttled probe gets a healthy instance restarted.
+PROBE_PATHS = frozenset({"/healthz", "/readyz"})
 
 Check = Callable[[], Awaitable[object]]
 
@@ -25,11 +29,13 @@ router = APIRouter(tags=["health"])
 
 
 @router.get("/healthz", include_in_schema=False)
+@public
 async def healthz() -> JSONResponse:
     return JSONResponse({"status": "pass"}, media_type=HEALTH_JSON, headers=NO_STORE)
 
 
 @router.get("/readyz", include_in_schema=False)
+@public
 async def readyz(request: Request) -> JSONResponse:
     checks: Mapping[str, Check] = request.state.readiness_checks
     limit: float = request.app.state.settings.readiness_timeout

@@ -9,7 +9,7 @@ from types import FrameType
 
 import structlog
 import uvicorn
-from uvicorn.supervisors import Multiprocess
+from uvicorn.supervisors import multiprocess
 
 from .settings import Settings
 
@@ -35,6 +35,30 @@ class Server(uvicorn.Server):
             timeout_s=self.config.timeout_graceful_shutdown,
         )
         await super().shutdown(sockets)
+
+
+class WorkerProcess(multiprocess.Process):
+    """A uvicorn worker that runs Server, so each worker logs its own drain."""
+
+    @property
+    def server(self) -> uvicorn.Server:
+        if self._server is None:
+            self._server = Server(config=self.config)
+        return self._server
+
+
+class Supervisor(multiprocess.Multiprocess):
+    """uvicorn's worker supervisor; it forwards SIGTERM and each worker drains itself.
+
+    Workers it starts first run Server; one it restarts after a crash runs
+    uvicorn's own, which drains the same way with fewer log lines.
+    """
+
+    def init_processes(self) -> None:
+        for _ in range(self.processes_num):
+            process = WorkerProcess(self.config, self.sockets)
+            process.start()
+            self.processes.append(process)
 
 
 def serve(settings: Settings, app: str) -> None:
@@ -66,7 +90,7 @@ def serve(settings: Settings, app: str) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, after_uvicorn)
     if config.workers > 1:
-        Multiprocess(config, target=server.run, sockets=[config.bind_socket()]).run()
+        Supervisor(config, sockets=[config.bind_socket()]).run()
     else:
         server.run()
     log.info("server exited", signal=server.received_signal)

@@ -1,0 +1,71 @@
+"""A ceiling on request bodies, enforced while the body streams in, never after.
+
+A declared Content-Length over the limit is refused before a byte is read; a
+body without one (chunked) is counted as it arrives and refused the moment it
+passes the limit. Both answers are the same 413 problem.
+"""
+
+from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .errors import problem
+
+
+class BodyTooLarge(HTTPException):
+    """Raised from `receive`; FastAPI lets HTTPException through to the problem handler."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, detail=too_large_detail(limit))
+
+
+def too_large_detail(limit: int) -> str:
+    return f"The request body is larger than the {limit} bytes this service accepts."
+
+
+class BodySizeLimitMiddleware:
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request_id = scope.get("state", {}).get("request_id")
+        declared = Headers(scope=scope).get("content-length")
+        if declared is not None:
+            if not declared.isdigit():
+                await problem(400, detail="Content-Length is not a number.", request_id=request_id)(
+                    scope, receive, send
+                )
+                return
+            if int(declared) > self.max_bytes:
+                await problem(413, detail=too_large_detail(self.max_bytes), request_id=request_id)(
+                    scope, receive, send
+                )
+                return
+
+        received = 0
+        started = False
+
+        async def counting_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise BodyTooLarge(self.max_bytes)
+            return message
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counting_receive, tracking_send)
+        except BodyTooLarge as error:
+            if started:
+                raise
+            await problem(413, detail=error.detail, request_id=request_id)(scope, receive, send)

@@ -1,0 +1,130 @@
+"""Outbound HTTP: one shared client per process, and no call without a deadline.
+
+httpx timeouts bound each network operation, not the call: an upstream that
+drips a byte every half second never trips a 1 s read timeout. So every call
+also runs under an overall deadline. Only idempotent methods are retried, with
+exponential backoff and jitter, and only on errors a retry can fix. Failures
+become UpstreamError (502) or UpstreamTimeout (504), answered as problem+json.
+"""
+
+import asyncio
+import random
+from typing import Any
+
+import httpx
+import structlog
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+
+from .errors import problem
+from .settings import Settings
+
+IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
+RETRYABLE_STATUSES = frozenset({502, 503, 504})
+BACKOFF_BASE = 0.1  # seconds before the first retry; doubles each time
+
+log = structlog.get_logger(__name__)
+
+
+class UpstreamError(Exception):
+    """An upstream service failed or could not be reached: answered as 502.
+
+    The message names the upstream for the log; the response body does not.
+    """
+
+    status = 502
+
+
+class UpstreamTimeout(UpstreamError):
+    """An upstream service did not answer within the deadline: answered as 504."""
+
+    status = 504
+
+
+def create_http_client(settings: Settings) -> httpx.AsyncClient:
+    """The shared client: pooled connections, every timeout set, redirects off."""
+    return httpx.AsyncClient(
+        timeout=httpx.Timeout(settings.outbound_timeout, connect=settings.outbound_connect_timeout),
+        limits=httpx.Limits(max_connections=settings.outbound_max_connections),
+        follow_redirects=False,
+    )
+
+
+class Outbound:
+    """Calls through the shared client under a deadline, retrying what is safe to retry."""
+
+    def __init__(self, client: httpx.AsyncClient, *, deadline: float, retries: int) -> None:
+        self.client = client
+        self.deadline = deadline
+        self.retries = retries
+
+    async def request(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
+        method = method.upper()
+        attempts = 1 + (self.retries if method in IDEMPOTENT_METHODS else 0)
+        host = httpx.URL(url).host
+        try:
+            async with asyncio.timeout(self.deadline):
+                return await self._attempt(method, url, attempts, host, **kwargs)
+        except TimeoutError:
+            log.warning("upstream deadline exceeded", host=host, method=method)
+            raise UpstreamTimeout(f"{host} did not answer within {self.deadline} s") from None
+
+    async def _attempt(
+        self, method: str, url: str, attempts: int, host: str, **kwargs: Any
+    ) -> httpx.Response:
+        for attempt in range(1, attempts + 1):
+            last = attempt == attempts
+            try:
+                response = await self.client.request(method, url, **kwargs)
+            except httpx.TimeoutException as error:
+                if last:
+                    log.warning("upstream timed out", host=host, attempts=attempt)
+                    raise UpstreamTimeout(f"{host} timed out") from error
+                reason = type(error).__name__
+            except httpx.TransportError as error:
+                if last:
+                    log.warning(
+                        "upstream unreachable",
+                        host=host,
+                        attempts=attempt,
+                        error=type(error).__name__,
+                    )
+                    raise UpstreamError(f"{host} could not be reached") from error
+                reason = type(error).__name__
+            else:
+                if response.status_code not in RETRYABLE_STATUSES:
+                    return response
+                if last:
+                    log.warning(
+                        "upstream failed", host=host, attempts=attempt, status=response.status_code
+                    )
+                    raise UpstreamError(f"{host} answered {response.status_code}")
+                reason = str(response.status_code)
+            delay = BACKOFF_BASE * 2 ** (attempt - 1) * random.uniform(0.5, 1.5)  # noqa: S311
+            log.info(
+                "retrying upstream call",
+                host=host,
+                attempt=attempt,
+                reason=reason,
+                delay_s=round(delay, 3),
+            )
+            await asyncio.sleep(delay)
+        raise AssertionError("unreachable: the last attempt returns or raises")
+
+
+async def upstream_error_handler(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, UpstreamError)
+    detail = (
+        "An upstream service did not answer in time."
+        if isinstance(exc, UpstreamTimeout)
+        else "An upstream service failed."
+    )
+    return problem(
+        exc.status,
+        detail=detail,
+        request_id=request.scope.get("state", {}).get("request_id"),
+        instance=request.url.path,
+    )
+
+
+EXCEPTION_HANDLERS = {UpstreamError: upstream_error_handler}

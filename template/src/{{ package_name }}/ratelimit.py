@@ -1,0 +1,205 @@
+"""Rate limits for every route, counted before the request reaches the app.
+
+Built on `limits` with the moving-window strategy: a fixed window lets twice
+the limit through across a window edge. The middleware counts every request
+against the default limit of its client; a route adds a stricter limit of its
+own with `dependencies=[rate_limit("10/minute", name=...)]`; health probes are
+exempt. Answers carry the IETF RateLimit-Policy / RateLimit headers
+(draft-ietf-httpapi-ratelimit-headers), a 429 also Retry-After.
+
+The client is the authenticated principal when there is one, else the client
+address, which uvicorn has already taken from X-Forwarded-For when, and only
+when, the connection came from a proxy listed in FORWARDED_ALLOW_IPS.
+"""
+
+import math
+import time
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any
+
+import structlog
+from fastapi import Depends, HTTPException, Request
+from limits import RateLimitItem, parse
+from limits.aio.storage import Storage
+from limits.aio.strategies import MovingWindowRateLimiter
+from limits.errors import StorageError
+from limits.storage import storage_from_string
+from starlette.datastructures import MutableHeaders
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .errors import problem
+
+DEFAULT_POLICY = "default"
+
+log = structlog.get_logger(__name__)
+
+
+def rate_limit(limit: str, *, name: str) -> Any:
+    """A route dependency: a limit of this route's own, per client, on top of the default.
+
+    `limit` uses the `limits` notation ("10/minute", "100 per hour"); a typo
+    fails when the module is imported, not at the first request.
+    """
+    item = parse_limit(limit)
+
+    async def check_route_limit(request: Request) -> None:
+        limiter: RateLimiter | None = getattr(request.state, "rate_limiter", None)
+        if limiter is None:
+            return
+        decision = await limiter.hit_all([(name, item)], client_key(request.scope))
+        request.state.route_rate_limit = decision
+        if decision.storage_failed and not decision.allowed:
+            raise HTTPException(
+                503,
+                "The rate limiter is unavailable; try again shortly.",
+                headers={"Retry-After": "1"},
+            )
+        if not decision.allowed:
+            log.info("rate limited", key=client_key(request.scope), policy=name)
+            raise HTTPException(
+                429,
+                f"Too many requests; retry after {decision.retry_after} s.",
+                headers={"Retry-After": str(decision.retry_after)},
+            )
+
+    return Depends(check_route_limit)
+
+
+@lru_cache(maxsize=64)
+def parse_limit(limit: str) -> RateLimitItem:
+    try:
+        return parse(limit)
+    except ValueError:
+        raise ValueError(
+            f"{limit!r} is not a rate limit; write it like '10/minute' or '100 per hour'"
+        ) from None
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The outcome of counting one request against one or more policies."""
+
+    allowed: bool
+    headers: dict[str, str] = field(default_factory=dict)
+    retry_after: int = 0
+    storage_failed: bool = False
+
+
+class RateLimiter:
+    """Counts hits in the shared storage; what happens when the storage is down is a setting."""
+
+    def __init__(self, storage: Storage, *, fail_open: bool) -> None:
+        self.storage = storage
+        self.strategy = MovingWindowRateLimiter(storage)
+        self.fail_open = fail_open
+
+    async def hit(
+        self, limit: str | RateLimitItem, key: str, name: str = DEFAULT_POLICY
+    ) -> Decision:
+        """Count one request by `key` against `limit`."""
+        return await self.hit_all([(name, _item(limit))], key)
+
+    async def exhausted(self, limit: str | RateLimitItem, key: str, name: str) -> bool:
+        """Whether `key` is over `limit` now, without counting a hit (False if unknown)."""
+        try:
+            return not await self.strategy.test(_item(limit), name, key)
+        except StorageError:
+            return False
+
+    async def hit_all(self, policies: list[tuple[str, RateLimitItem]], key: str) -> Decision:
+        """Count against each policy in turn, stopping at the first one that refuses."""
+        policy_headers: list[str] = []
+        state_headers: list[str] = []
+        retry_after = 0
+        allowed = True
+        try:
+            for name, item in policies:
+                allowed = await self.strategy.hit(item, name, key)
+                stats = await self.strategy.get_window_stats(item, name, key)
+                reset = max(0, math.ceil(stats.reset_time - time.time()))
+                window = item.get_expiry()
+                policy_headers.append(f'"{name}";q={item.amount};w={window}')
+                state_headers.append(f'"{name}";r={stats.remaining};t={reset}')
+                if not allowed:
+                    retry_after = max(1, reset)
+                    break
+        except StorageError as error:
+            log.warning(
+                "rate limit storage unavailable",
+                fail_open=self.fail_open,
+                error=type(error.storage_error).__name__,
+            )
+            return Decision(allowed=self.fail_open, storage_failed=True, retry_after=1)
+        headers = {
+            "RateLimit-Policy": ", ".join(policy_headers),
+            "RateLimit": ", ".join(state_headers),
+        }
+        if not allowed:
+            headers["Retry-After"] = str(retry_after)
+        return Decision(allowed=allowed, headers=headers, retry_after=retry_after)
+
+
+def _item(limit: str | RateLimitItem) -> RateLimitItem:
+    return parse_limit(limit) if isinstance(limit, str) else limit
+
+
+def memory_storage() -> Storage:
+    """Counts in this process only: right for one worker, wrong for several (settings refuse it)."""
+    return storage_from_string("async+memory://", wrap_exceptions=True)
+
+
+def client_key(scope: Scope) -> str:
+    principal = scope.get("state", {}).get("principal")
+    if principal is not None and principal.identifies_caller:
+        return f"principal:{principal.subject}"
+    client = scope.get("client")
+    return f"client:{client[0] if client else 'unknown'}"
+
+
+class RateLimitMiddleware:
+    """429 with Retry-After once a client is over a limit; the headers on every answer."""
+
+    def __init__(self, app: ASGIApp, default_limit: str, exempt_paths: frozenset[str]) -> None:
+        self.app = app
+        self.default = (DEFAULT_POLICY, parse_limit(default_limit))
+        self.exempt_paths = exempt_paths
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        state = scope.get("state", {})
+        limiter: RateLimiter | None = state.get("rate_limiter")
+        if scope["type"] != "http" or limiter is None or scope["path"] in self.exempt_paths:
+            await self.app(scope, receive, send)
+            return
+        key = client_key(scope)
+        decision = await limiter.hit_all([self.default], key)
+        if not decision.allowed:
+            request_id = scope.get("state", {}).get("request_id")
+            if decision.storage_failed:
+                response = problem(
+                    503,
+                    detail="The rate limiter is unavailable; try again shortly.",
+                    request_id=request_id,
+                    headers={"Retry-After": "1"},
+                )
+            else:
+                log.info("rate limited", key=key, path=scope["path"])
+                response = problem(
+                    429,
+                    detail=f"Too many requests; retry after {decision.retry_after} s.",
+                    request_id=request_id,
+                    headers=decision.headers,
+                )
+            await response(scope, receive, send)
+            return
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start" and decision.headers:
+                headers = MutableHeaders(scope=message)
+                route: Decision | None = state.get("route_rate_limit")
+                for name in ("RateLimit-Policy", "RateLimit"):
+                    values = [route.headers[name]] if route and route.headers else []
+                    headers[name] = ", ".join([*values, decision.headers[name]])
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
