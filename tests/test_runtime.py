@@ -88,6 +88,15 @@ def test_clients_behind_a_trusted_proxy_are_limited_one_by_one(variant: Project)
     assert limited(alice + bob) == (5, 11)
 
 
+def wait_for_drains(log: Path, workers: int, timeout: float = 15) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if log.read_text().count('"shutdown started') >= workers:  # a line may be half-written
+            return
+        time.sleep(0.05)
+    pytest.fail(f"{workers} worker(s) did not start draining within {timeout}s")
+
+
 async def not_served(url: str) -> bool:
     """A new connection after SIGTERM is refused (one process) or accepted by the
     supervisor's socket and reset (workers): either way it is never served."""
@@ -133,7 +142,9 @@ def test_sigterm_drains_20_in_flight_requests_then_closes_everything(
                 ]
                 await asyncio.sleep(0.7)  # all 20 are being served
                 process.send_signal(signal.SIGTERM)
-                await asyncio.sleep(0.5)
+                # The supervisor forwards SIGTERM on its next poll (every 0.5 s): probe once
+                # every worker has started to drain.
+                await asyncio.to_thread(wait_for_drains, log, workers)
                 refused = await not_served(f"{base}/healthz")
                 return await asyncio.gather(*requests), refused
 
