@@ -3,10 +3,12 @@ rate limits under a burst (and shared through Redis), trusted proxies, and grace
 shutdown with requests in flight, one or two workers, inside and past the timeout."""
 
 import asyncio
+import contextlib
 import json
 import signal
 import time
 from collections import Counter
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx2
@@ -88,6 +90,19 @@ def test_clients_behind_a_trusted_proxy_are_limited_one_by_one(variant: Project)
     assert limited(alice + bob) == (5, 11)
 
 
+@contextlib.asynccontextmanager
+async def sleepers(
+    base: str, headers: dict[str, str], *, count: int, seconds: float
+) -> AsyncIterator[list[asyncio.Task[httpx2.Response]]]:
+    """`count` requests held open for `seconds`, each on its own connection, all in flight."""
+    limits = httpx2.Limits(max_connections=count, max_keepalive_connections=0)
+    async with httpx2.AsyncClient(timeout=30, limits=limits, headers=headers) as client:
+        url = f"{base}{SLEEP}?seconds={seconds}"
+        requests = [asyncio.create_task(client.get(url)) for _ in range(count)]
+        await asyncio.sleep(0.7)  # every request has reached the server
+        yield requests
+
+
 def wait_for_drains(log: Path, workers: int, timeout: float = 15) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -133,14 +148,7 @@ def test_sigterm_drains_20_in_flight_requests_then_closes_everything(
             assert connections_to(database_name(variant)) > 0
 
         async def in_flight_then_sigterm() -> tuple[list[httpx2.Response], bool]:
-            limits = httpx2.Limits(max_connections=20, max_keepalive_connections=0)
-            async with httpx2.AsyncClient(
-                timeout=30, limits=limits, headers=variant.headers
-            ) as client:
-                requests = [
-                    asyncio.create_task(client.get(f"{base}{SLEEP}?seconds=2")) for _ in range(20)
-                ]
-                await asyncio.sleep(0.7)  # all 20 are being served
+            async with sleepers(base, variant.headers, count=20, seconds=2) as requests:
                 process.send_signal(signal.SIGTERM)
                 # The supervisor forwards SIGTERM on its next poll (every 0.5 s): probe once
                 # every worker has started to drain.
@@ -178,14 +186,7 @@ def test_requests_past_the_shutdown_timeout_are_cut_with_a_logged_reason(
     with running(variant.python, variant.path, env, output=log) as (base, process):
 
         async def stuck_then_sigterm() -> list[httpx2.Response | BaseException]:
-            limits = httpx2.Limits(max_connections=5, max_keepalive_connections=0)
-            async with httpx2.AsyncClient(
-                timeout=30, limits=limits, headers=variant.headers
-            ) as client:
-                requests = [
-                    asyncio.create_task(client.get(f"{base}{SLEEP}?seconds=20")) for _ in range(5)
-                ]
-                await asyncio.sleep(0.7)
+            async with sleepers(base, variant.headers, count=5, seconds=20) as requests:
                 process.send_signal(signal.SIGTERM)
                 return await asyncio.gather(*requests, return_exceptions=True)
 
