@@ -7,6 +7,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
@@ -40,7 +41,9 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "per_source: run once per distinct service source")
     for stage in ("rendered", "tested", "booted"):
         config.addinivalue_line("markers", f"stage_{stage}: counts toward the '{stage}' total")
+    started = time.monotonic()
     plan()  # the xdist controller renders; workers find the renders cached
+    _phase_seconds["render (plan, in the controller)"] += time.monotonic() - started
 
 
 # --- interpreters -----------------------------------------------------------------------------
@@ -197,10 +200,11 @@ def install(rendered: Rendered) -> None:
     names. A file lock plus a marker: any worker may be first to need a variant."""
     from filelock import FileLock
 
-    marker = rendered.path / ".venv" / ".prodready-installed"
+    marker = install_marker(rendered)
     with FileLock(str(rendered.path.parent / "install.lock")):
         if marker.exists():
             return
+        started = time.monotonic()
         python = find_python(rendered.answers["python_version"])
         result = subprocess.run(
             [UV, "sync", "--python", str(python), "--quiet"],
@@ -211,7 +215,11 @@ def install(rendered: Rendered) -> None:
             timeout=900,
         )
         assert result.returncode == 0, result.stderr
-        marker.touch()
+        marker.write_text(f"{time.monotonic() - started:.2f}\n")  # seconds, for the summary
+
+
+def install_marker(rendered: Rendered) -> Path:
+    return rendered.path / ".venv" / ".prodready-installed"
 
 
 @pytest.fixture(scope="session")
@@ -251,9 +259,33 @@ _database_numbers = itertools.count()
 # --- summary -------------------------------------------------------------------------------
 
 _outcomes: Counter[tuple[str, str]] = Counter()
+_phase_seconds: Counter[str] = Counter()
+_session_started = time.monotonic()
+_session_wall_start = time.time()
+
+# Where the time goes, by phase: a test belongs to the first phase whose pattern its node id
+# contains (setup, call and teardown summed, across all xdist workers).
+PHASES = (
+    ("own test suites", "test_projects.py::test_own_test_suite_passes"),
+    ("boot and shut down", "test_projects.py::test_boots"),
+    ("render and lint", "test_render.py"),
+    ("behaviour (real processes)", "test_runtime.py"),
+    ("behaviour (real processes)", "test_data_layer.py"),
+    ("behaviour (real processes)", "test_projects.py"),
+    ("docker contract", "test_docker.py"),
+    ("copier update", "test_update.py"),
+    ("assistant commands", "test_agents.py"),
+    ("production rules", "test_rules.py"),
+    ("benchmark smoke", "test_bench.py"),
+)
+
+
+def phase_of(nodeid: str) -> str:
+    return next((phase for phase, pattern in PHASES if pattern in nodeid), "other")
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    _phase_seconds[phase_of(report.nodeid)] += report.duration
     if report.when == "call" and report.passed:
         for stage in ("rendered", "tested", "booted"):
             if f"stage_{stage}" in report.keywords:
@@ -270,12 +302,29 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
         f"{groups} distinct service variants"
     )
     write(f"  rendered+linted: {_outcomes[('rendered', 'passed')]}/{len(current.renders)}")
-    write(f"  own test suite passed: {_outcomes[('tested', 'passed')]}/{groups}")
+    sources = len(one_per_source(current.representatives()))
+    write(
+        f"  own test suite passed: {_outcomes[('tested', 'passed')]}/{sources} distinct sources"
+        " (each on one interpreter, taken in turn)"
+    )
     write(f"  booted and shut down cleanly: {_outcomes[('booted', 'passed')]}/{groups}")
+    installs = [
+        float(marker.read_text() or 0)
+        for r in current.representatives()
+        if (marker := install_marker(r)).exists() and marker.stat().st_mtime >= _session_wall_start
+    ]
+    write(
+        f"  time by phase (seconds summed over xdist workers; wall clock "
+        f"{time.monotonic() - _session_started:.0f} s):"
+    )
+    for phase, seconds in _phase_seconds.most_common():
+        write(f"    {phase:<34} {seconds:8.1f}")
+    write(f"    {'of which uv sync, ' + str(len(installs)) + ' variants':<34} {sum(installs):8.1f}")
     write("  rule: every combination of choice/yes-no answers is rendered and linted; combinations")
     write("  whose service files (all but answers, CI config, Markdown and assistant rules) are")
-    write("  byte-identical are installed, tested and booted once, on a representative chosen so")
-    write("  every answer value is covered (see tests/matrix.py).")
+    write("  byte-identical are installed and booted once, on a representative chosen so every")
+    write("  answer value is covered (see tests/matrix.py); variants that differ only in")
+    write("  python_version share one source, whose own suite and behaviour tests run once.")
     if current.documentation:
         write(
             f"  documentation axes ({', '.join(current.documentation)}): only add documents, so"

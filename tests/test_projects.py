@@ -1,4 +1,11 @@
-"""Each distinct service variant: install it, run its own tests, boot it as a real process."""
+"""Each distinct service variant: install it and boot it as a real process; each distinct
+service source: run its own test suite.
+
+Variants that differ only in `python_version` run byte-identical code and tests, so a
+project's own suite runs once per source, on interpreters taken in turn so every Python
+version runs some (`one_per_source` in conftest.py); every variant still installs, imports
+everything it serves, boots, answers its probes and shuts down on its own interpreter.
+"""
 
 import json
 import signal
@@ -17,6 +24,7 @@ from .service import free_port, running
 SHUTDOWN_TIMEOUT = 5
 
 
+@pytest.mark.per_source
 @pytest.mark.stage_tested
 def test_own_test_suite_passes(variant: Project) -> None:
     result = variant.run(str(variant.python), "-m", "pytest", "-q", "-p", "no:cacheprovider")

@@ -1,7 +1,9 @@
 """Bad answers are refused with a message that says what is wrong and what is allowed."""
 
 import json
+import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -67,6 +69,61 @@ def test_renders_without_trust_because_it_has_no_tasks_or_extensions() -> None:
     assert "_tasks" not in config
     assert "_jinja_extensions" not in config
     assert "_migrations" not in config
+
+
+POSTGRES_TEST_URL = "postgresql://postgres@127.0.0.1:5432/test"  # the README's "Test it"
+NEXT_STEPS = {
+    "postgresql": {"database": "postgresql", "redis": "false"},
+    "none": {"database": "none", "redis": "true", "auth": "api_key"},
+}
+
+
+@pytest.mark.parametrize("database", sorted(NEXT_STEPS))
+def test_copy_ends_with_the_next_commands_for_the_answers_given(
+    template: Path, tmp_path: Path, database: str
+) -> None:
+    """`copier copy`, as a user runs it (the CLI, without --trust), prints what to run next:
+    the commands of the README and AGENTS.md that these answers need, in order."""
+    answers = NEXT_STEPS[database]
+    project = tmp_path / "acme-orders"
+    data = [arg for name, value in answers.items() for arg in ("--data", f"{name}={value}")]
+    result = subprocess.run(
+        [Path(sys.executable).with_name("copier"), "copy", "--defaults", *data, template, project],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert (project / "pyproject.toml").exists()
+    message = result.stderr.split("acme-orders is generated. Next", 1)
+    assert len(message) == 2, f"no next steps after the copy:\n{result.stderr[-3000:]}"
+    commands = [line.split("#")[0].strip() for line in message[1].splitlines()]
+    expected = [
+        f'cd "{project}"',
+        "git init",
+        "uv lock",
+        "uv sync",
+        "cp .env.example .env",
+        *(["uv run python -m acme_orders migrate"] if database != "none" else []),
+        "uv run python -m acme_orders serve",
+        "export ENVIRONMENT=test",
+        *([f"export DATABASE_URL={POSTGRES_TEST_URL}"] if database != "none" else []),
+        *(["export REDIS_URL=redis://127.0.0.1:6379/0"] if answers["redis"] == "true" else []),
+        "uv run pytest",
+        "scripts/check",
+    ]
+    assert [line for line in commands if line in expected] == expected, message[1]
+    assert ("migrate" in message[1]) == (database != "none")
+    assert ("DATABASE_URL" in message[1]) == (database == "postgresql")
+    assert ("REDIS_URL" in message[1]) == (answers["redis"] == "true")
+    assert not re.search(r"\{\{|\{%|%\}", message[1])
+    for line in commands:  # every project command it names exists in the project
+        if found := re.search(r"python -m acme_orders (\S+)", line):
+            main = (project / "src" / "acme_orders" / "__main__.py").read_text()
+            assert f'add_parser("{found.group(1)}"' in main, line
+        if line.startswith(("cp ", "scripts/")):
+            assert (project / line.split()[-2 if line.startswith("cp ") else 0]).exists(), line
 
 
 def test_standard_library_list_matches_every_offered_python() -> None:

@@ -5,11 +5,13 @@ shutdown with requests in flight, one or two workers, inside and past the timeou
 import asyncio
 import contextlib
 import json
+import re
 import signal
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import httpx2
 import psycopg
@@ -200,3 +202,101 @@ def test_requests_past_the_shutdown_timeout_are_cut_with_a_logged_reason(
     assert not any(isinstance(o, httpx2.Response) and o.status_code == 200 for o in outcomes)
     assert "timeout graceful shutdown exceeded" in output, output
     assert "resources closed" in output, "resources must still be closed after the cut"
+
+
+DRAIN_DELAY = 2.0
+MARGIN = 0.4  # stop opening connections this long before the delay ends (the log says when)
+
+
+async def new_connections(
+    url: str, headers: dict[str, str], until: list[float]
+) -> list[tuple[float, str]]:
+    """One request per new connection, again and again until `until[0]` (time.monotonic);
+    each outcome is (when the connection was opened, status code or error class)."""
+    limits = httpx2.Limits(max_connections=1, max_keepalive_connections=0)
+    outcomes: list[tuple[float, str]] = []
+    async with httpx2.AsyncClient(timeout=10, limits=limits, headers=headers) as client:
+        while (opened := time.monotonic()) < until[0]:
+            try:
+                response = await client.get(url)
+            except httpx2.TransportError as error:
+                outcomes.append((opened, type(error).__name__))
+            else:
+                outcomes.append((opened, str(response.status_code)))
+    return outcomes
+
+
+def wait_for_logged(log: Path, event: str, count: int, timeout: float = 10) -> None:
+    logged = re.compile(rf'"event": ?"{re.escape(event)}"')
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if len(logged.findall(log.read_text())) >= count:
+            return
+        time.sleep(0.05)
+    pytest.fail(f"{event!r} was not logged {count} time(s) within {timeout}s")
+
+
+async def readiness(url: str) -> tuple[int, dict[str, Any]]:
+    async with httpx2.AsyncClient(timeout=5) as client:  # a new connection, as a prober's
+        response = await client.get(url)
+    return response.status_code, response.json()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_new_connections_are_served_through_the_drain_delay_then_refused(
+    variant: Project, workers: int, tmp_path: Path
+) -> None:
+    """What an orchestrator needs: it removes an instance from its endpoints only some time
+    after SIGTERM. Until DRAIN_DELAY ends, every new connection is served and /readyz says
+    "draining"; after it, new connections are refused (never accepted and reset)."""
+    env = {**variant.env, "WORKERS": str(workers), "DRAIN_DELAY": str(DRAIN_DELAY)}
+    env["SHUTDOWN_TIMEOUT"] = "10"
+    log = tmp_path / "server.log"
+    with running(variant.python, variant.path, env, output=log) as (base, process):
+        wait_for_logged(log, "startup complete", workers, timeout=30)  # workers start late
+
+        async def clients_through_the_drain() -> tuple[
+            float, list[tuple[float, str]], list[tuple[int, dict[str, Any]]]
+        ]:
+            until = [float("inf")]
+            url = f"{base}{SLEEP}?seconds=0"
+            loops = [
+                asyncio.create_task(new_connections(url, variant.headers, until)) for _ in range(10)
+            ]
+            await asyncio.sleep(0.5)
+            process.send_signal(signal.SIGTERM)
+            signalled = time.monotonic()
+            until[0] = signalled + DRAIN_DELAY - MARGIN
+            # The supervisor forwards SIGTERM on its next poll (every 0.5 s): probe once every
+            # worker is draining, each probe on a new connection.
+            await asyncio.to_thread(wait_for_logged, log, "draining", workers)
+            probes = [await readiness(f"{base}/readyz") for _ in range(4)]
+            outcomes = [outcome for done in await asyncio.gather(*loops) for outcome in done]
+            return signalled, outcomes, probes
+
+        signalled, outcomes, probes = asyncio.run(clients_through_the_drain())
+        wait_for_drains(log, workers)  # every worker's delay is over: it stops accepting
+        time.sleep(0.3)
+        with pytest.raises(httpx2.ConnectError):  # refused, not accepted then reset
+            httpx2.get(f"{base}/healthz", timeout=5)
+        process.wait(timeout=20)
+    output = log.read_text()
+    during = Counter(outcome for opened, outcome in outcomes if opened >= signalled)
+    assert set(during) == {"200"}, f"{during}\n{output}"
+    assert during["200"] >= 20, during  # ten clients, about 1.6 s: many new connections
+    for status, body in probes:
+        assert status == 503, body
+        assert body["status"] == "fail"
+        assert body["checks"] == {"server:draining": body["checks"]["server:draining"]}
+        assert body["checks"]["server:draining"][0]["output"] == "draining"
+    assert process.returncode == 0, output
+    assert "Traceback" not in output
+    logged = events(log)
+    names = [str(event["event"]) for event in logged]
+    draining = [event for event in logged if event["event"] == "draining"]
+    assert [(e["delay_s"], e["signal"]) for e in draining] == [(DRAIN_DELAY, "SIGTERM")] * workers
+    started = [i for i, name in enumerate(names) if name.startswith("shutdown started")]
+    assert len(started) == workers, output
+    assert names.index("draining") < min(started)
+    assert names.count("resources closed") == workers
+    assert names[-1] == "exit"

@@ -22,7 +22,7 @@ in the lifespan and found in `scope["state"]["authenticator"]`.
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Annotated, Any, ClassVar, Protocol
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Protocol
 
 import structlog
 from fastapi import Depends, HTTPException, Security
@@ -34,7 +34,9 @@ from starlette.routing import Match
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .errors import http_exception_handler
-from .ratelimit import RateLimiter
+
+if TYPE_CHECKING:  # annotations only: settings -> api_keys -> auth must not reach ratelimit
+    from .ratelimit import RateLimiter
 
 SUBJECT_MAX_LENGTH = 255  # a subject is stored as the owner of rows
 PUBLIC_ATTRIBUTE = "__public__"
@@ -141,14 +143,26 @@ class RequirePrincipalMiddleware:
     422, not 401). A request no route matches goes on to the router's 404 or 405.
     """
 
+    CACHE_SIZE = 1024
+
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
+        # Which endpoint a method and path reach: routing again for every anonymous probe
+        # costs more than the probe. Bounded: emptied when full (many distinct ids).
+        self._endpoints: dict[tuple[str, str, str], Any] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope.get("state", {}).get("principal") is not None:
             await self.app(scope, receive, send)
             return
-        endpoint = _endpoint(scope)
+        key = (scope["method"], scope.get("root_path", ""), scope["path"])
+        if key in self._endpoints:
+            endpoint = self._endpoints[key]
+        else:
+            endpoint = _endpoint(scope)
+            if len(self._endpoints) >= self.CACHE_SIZE:
+                self._endpoints.clear()
+            self._endpoints[key] = endpoint
         if endpoint is None or is_public(endpoint):
             await self.app(scope, receive, send)
             return

@@ -4,6 +4,10 @@
 so an orchestrator restarts it. /readyz checks each dependency concurrently,
 each under its own timeout, so a hung database makes the probe fail in about a
 second rather than hang; the orchestrator then stops routing traffic here.
+Once the server has been told to stop, /readyz answers 503 "draining" at once,
+without checking anything, while the server goes on serving for DRAIN_DELAY
+(server.py), so the load balancer takes this instance out before it stops
+accepting; /healthz still passes, so nobody restarts it meanwhile.
 """
 
 import asyncio
@@ -16,6 +20,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from .auth import public
+from .server import DRAINING_SINCE
 
 HEALTH_JSON = "application/health+json"
 NO_STORE = {"Cache-Control": "no-store"}
@@ -37,6 +42,9 @@ async def healthz() -> JSONResponse:
 @router.get("/readyz", include_in_schema=False)
 @public
 async def readyz(request: Request) -> JSONResponse:
+    draining_since: float | None = getattr(request.state, DRAINING_SINCE, None)
+    if draining_since is not None:
+        return draining(draining_since)
     checks: Mapping[str, Check] = request.state.readiness_checks
     limit: float = request.app.state.settings.readiness_timeout
     names = list(checks)
@@ -53,6 +61,18 @@ async def readyz(request: Request) -> JSONResponse:
     return JSONResponse(
         body, status_code=503 if failed else 200, media_type=HEALTH_JSON, headers=NO_STORE
     )
+
+
+def draining(since: float) -> JSONResponse:
+    """Not ready because shutting down: the dependencies are not checked (nor loaded)."""
+    check = {
+        "status": "fail",
+        "observedValue": round(time.monotonic() - since, 1),
+        "observedUnit": "s",
+        "output": "draining",
+    }
+    body = {"status": "fail", "output": "draining", "checks": {"server:draining": [check]}}
+    return JSONResponse(body, status_code=503, media_type=HEALTH_JSON, headers=NO_STORE)
 
 
 async def run_check(check: Check, limit: float) -> dict[str, Any]:

@@ -4,13 +4,16 @@ Pure ASGI rather than BaseHTTPMiddleware: it adds no task per request and does
 not buffer or break streaming responses.
 """
 
+import logging
+import random
 import re
 import time
-import uuid
 
 import structlog
-from starlette.datastructures import Headers, MutableHeaders
+from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .logs import enabled_for
 
 REQUEST_ID_HEADER = "X-Request-ID"
 # A client-supplied id is kept only if it is short and plain: it ends up in every log line.
@@ -18,6 +21,12 @@ _VALID_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 QUIET_PATHS = frozenset({"/healthz", "/readyz"})
 
 access_log = structlog.get_logger("access")
+
+
+def _new_request_id() -> str:
+    """32 random hex digits. An id, not a secret: the process's PRNG (reseeded after a
+    fork) instead of a getrandom() system call per request."""
+    return f"{random.getrandbits(128):032x}"
 
 
 class RequestIdMiddleware:
@@ -30,8 +39,12 @@ class RequestIdMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        incoming = Headers(scope=scope).get(REQUEST_ID_HEADER, "")
-        request_id = incoming if _VALID_REQUEST_ID.fullmatch(incoming) else uuid.uuid4().hex
+        incoming = ""
+        for name, value in scope["headers"]:  # lowercase names (ASGI); no Headers object
+            if name == b"x-request-id":
+                incoming = value.decode("latin-1")
+                break
+        request_id = incoming if _VALID_REQUEST_ID.fullmatch(incoming) else _new_request_id()
         scope.setdefault("state", {})["request_id"] = request_id
         structlog.contextvars.clear_contextvars()
         structlog.contextvars.bind_contextvars(request_id=request_id)
@@ -67,13 +80,18 @@ class AccessLogMiddleware:
             await self.app(scope, receive, send_and_record)
         finally:
             quiet = scope["path"] in QUIET_PATHS and status < 400
-            log = access_log.debug if quiet else access_log.info
-            client = scope.get("client")
-            log(
-                "request",
-                method=scope["method"],
-                path=scope["path"],
-                status=status,
-                duration_ms=round((time.perf_counter() - started) * 1000, 2),
-                client=client[0] if client else None,
-            )
+            if not quiet or enabled_for(logging.DEBUG):
+                self._log(scope, status, started, quiet)
+
+    @staticmethod
+    def _log(scope: Scope, status: int, started: float, quiet: bool) -> None:
+        log = access_log.debug if quiet else access_log.info
+        client = scope.get("client")
+        log(
+            "request",
+            method=scope["method"],
+            path=scope["path"],
+            status=status,
+            duration_ms=round((time.perf_counter() - started) * 1000, 2),
+            client=client[0] if client else None,
+        )

@@ -1,11 +1,14 @@
 """Rate limits for every route, counted before the request reaches the app.
 
-Built on `limits` with the moving-window strategy: a fixed window lets twice
-the limit through across a window edge. The middleware counts every request
-against the default limit of its client; a route adds a stricter limit of its
-own with `dependencies=[rate_limit("10/minute", name=...)]`; health probes are
-exempt. Answers carry the IETF RateLimit-Policy / RateLimit headers
-(draft-ietf-httpapi-ratelimit-headers), a 429 also Retry-After.
+Built on `limits` with its sliding-window counter: a key's count in the current
+window plus its count in the previous one, weighted by how much of the previous
+window the sliding window still covers. A fixed window lets twice the limit
+through across a window edge; this one does not, and it costs O(1) per request
+whatever the limit (a moving window keeps one entry per request). The middleware
+counts every request against the default limit of its client; a route adds a
+stricter limit of its own with `dependencies=[rate_limit("10/minute", name=...)]`;
+health probes are exempt. Answers carry the IETF RateLimit-Policy / RateLimit
+headers (draft-ietf-httpapi-ratelimit-headers), a 429 also Retry-After.
 
 The client is the authenticated principal when there is one, else the client
 address, which uvicorn has already taken from X-Forwarded-For when, and only
@@ -15,20 +18,20 @@ when, the connection came from a proxy listed in FORWARDED_ALLOW_IPS.
 import math
 import time
 from dataclasses import dataclass, field
-from functools import lru_cache
 from typing import Any
 
 import structlog
 from fastapi import Depends, HTTPException, Request
-from limits import RateLimitItem, parse
+from limits import RateLimitItem
 from limits.aio.storage import Storage
-from limits.aio.strategies import MovingWindowRateLimiter
+from limits.aio.strategies import SlidingWindowCounterRateLimiter
 from limits.errors import StorageError
 from limits.storage import storage_from_string
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .errors import problem
+from .settings import parse_limit
 
 DEFAULT_POLICY = "default"
 
@@ -66,16 +69,6 @@ def rate_limit(limit: str, *, name: str) -> Any:
     return Depends(check_route_limit)
 
 
-@lru_cache(maxsize=64)
-def parse_limit(limit: str) -> RateLimitItem:
-    try:
-        return parse(limit)
-    except ValueError:
-        raise ValueError(
-            f"{limit!r} is not a rate limit; write it like '10/minute' or '100 per hour'"
-        ) from None
-
-
 @dataclass(frozen=True)
 class Decision:
     """The outcome of counting one request against one or more policies."""
@@ -90,8 +83,7 @@ class RateLimiter:
     """Counts hits in the shared storage; what happens when the storage is down is a setting."""
 
     def __init__(self, storage: Storage, *, fail_open: bool) -> None:
-        self.storage = storage
-        self.strategy = MovingWindowRateLimiter(storage)
+        self.strategy = SlidingWindowCounterRateLimiter(storage)
         self.fail_open = fail_open
 
     async def hit(
@@ -118,8 +110,7 @@ class RateLimiter:
                 allowed = await self.strategy.hit(item, name, key)
                 stats = await self.strategy.get_window_stats(item, name, key)
                 reset = max(0, math.ceil(stats.reset_time - time.time()))
-                window = item.get_expiry()
-                policy_headers.append(f'"{name}";q={item.amount};w={window}')
+                policy_headers.append(f'"{name}";q={item.amount};w={item.get_expiry()}')
                 state_headers.append(f'"{name}";r={stats.remaining};t={reset}')
                 if not allowed:
                     retry_after = max(1, reset)
@@ -146,7 +137,7 @@ def _item(limit: str | RateLimitItem) -> RateLimitItem:
 
 def memory_storage() -> Storage:
     """Counts in this process only: right for one worker, wrong for several (settings refuse it)."""
-    return storage_from_string("async+memory://", wrap_exceptions=True)
+    return storage_from_string("async+memory://")
 
 
 def client_key(scope: Scope) -> str:

@@ -1,0 +1,1 @@
+"""Benchmark: the generated service against bare FastAPI (see README.md, Benchmark)."""
