@@ -1,5 +1,6 @@
 """Fixtures shared by the template's tests: the render plan, interpreters, services."""
 
+import hashlib
 import itertools
 import os
 import re
@@ -158,19 +159,27 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 
 def one_per_source(representatives: list[Rendered]) -> list[Rendered]:
-    """One variant per distinct service source: variants that differ only in
-    `python_version` run byte-identical code (src/ and tests/), so behaviour tests
-    run once per source, on interpreters taken in turn so every version is used.
-    Every variant still installs, runs its own suite and boots (test_projects.py)."""
+    """One variant per distinct service source: variants whose src/ and tests/ are
+    byte-identical (they differ only in `python_version`, or in answers that shape
+    documents) run the same code, so behaviour tests run once per source, on
+    interpreters taken in turn so every version is used. Every variant still installs
+    and boots (test_projects.py)."""
     by_source: dict[str, list[Rendered]] = {}
-    for rendered in representatives:
-        key = repr(sorted((k, v) for k, v in rendered.answers.items() if k != "python_version"))
-        by_source.setdefault(key, []).append(rendered)
+    for rendered in sorted(representatives, key=lambda r: r.id):
+        by_source.setdefault(source_digest(rendered), []).append(rendered)
     chosen = []
     for index, group in enumerate(by_source.values()):
         group.sort(key=lambda r: r.answers["python_version"])
         chosen.append(group[index % len(group)])
     return chosen
+
+
+def source_digest(rendered: Rendered) -> str:
+    digest = hashlib.sha256()
+    for relative in rendered.files:
+        if relative.startswith(("src/", "tests/")):
+            digest.update(relative.encode() + b"\0" + (rendered.path / relative).read_bytes())
+    return digest.hexdigest()
 
 
 @dataclass
@@ -323,8 +332,8 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     write("  rule: every combination of choice/yes-no answers is rendered and linted; combinations")
     write("  whose service files (all but answers, CI config, Markdown and assistant rules) are")
     write("  byte-identical are installed and booted once, on a representative chosen so every")
-    write("  answer value is covered (see tests/matrix.py); variants that differ only in")
-    write("  python_version share one source, whose own suite and behaviour tests run once.")
+    write("  answer value is covered (see tests/matrix.py); variants whose src/ and tests/ are")
+    write("  byte-identical share one source, whose own suite and behaviour tests run once.")
     if current.documentation:
         write(
             f"  documentation axes ({', '.join(current.documentation)}): only add documents, so"

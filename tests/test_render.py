@@ -78,17 +78,21 @@ def test_renders_clean_and_lints(rendered: Rendered) -> None:
 
 
 def test_every_answer_value_is_installed_tested_and_booted_somewhere() -> None:
-    from .conftest import one_per_source
+    from .conftest import one_per_source, source_digest
     from .matrix import axes
 
     representatives = plan().representatives()  # installed and booted
-    sources = one_per_source(representatives)  # own suite and behaviour tests
     for name, values in axes().items():
         if name in plan().documentation:  # documents only: nothing of it is installed
             continue
         for value in values:
             assert any(r.answers[name] == value for r in representatives), (name, value)
-            assert any(r.answers[name] == value for r in sources), (name, value)
+    # Own suites and behaviour tests: every distinct source once, every interpreter used.
+    sources = one_per_source(representatives)
+    assert {source_digest(r) for r in sources} == {source_digest(r) for r in representatives}
+    assert len(sources) == len({source_digest(r) for r in sources})
+    versions = {r.answers["python_version"] for r in sources}
+    assert versions == set(axes()["python_version"])
 
 
 def test_matrix_covers_every_closed_question() -> None:

@@ -1,10 +1,8 @@
 """Rate limits for every route, counted before the request reaches the app.
 
-Built on `limits` with its sliding-window counter: a key's count in the current
-window plus its count in the previous one, weighted by how much of the previous
-window the sliding window still covers. A fixed window lets twice the limit
-through across a window edge; this one does not, and it costs O(1) per request
-whatever the limit (a moving window keeps one entry per request). The middleware
+Built on `limits` with the moving-window strategy: a fixed window lets twice
+the limit through across a window edge, and a sliding-window counter rounds
+the previous window's weight, letting one more through there. The middleware
 counts every request against the default limit of its client; a route adds a
 stricter limit of its own with `dependencies=[rate_limit("10/minute", name=...)]`;
 health probes are exempt. Answers carry the IETF RateLimit-Policy / RateLimit
@@ -24,7 +22,7 @@ import structlog
 from fastapi import Depends, HTTPException, Request
 from limits import RateLimitItem
 from limits.aio.storage import Storage
-from limits.aio.strategies import SlidingWindowCounterRateLimiter
+from limits.aio.strategies import MovingWindowRateLimiter
 from limits.errors import StorageError
 from limits.storage import storage_from_string
 from starlette.datastructures import MutableHeaders
@@ -83,7 +81,7 @@ class RateLimiter:
     """Counts hits in the shared storage; what happens when the storage is down is a setting."""
 
     def __init__(self, storage: Storage, *, fail_open: bool) -> None:
-        self.strategy = SlidingWindowCounterRateLimiter(storage)
+        self.strategy = MovingWindowRateLimiter(storage)
         self.fail_open = fail_open
 
     async def hit(
