@@ -99,19 +99,24 @@ def recorded_answers(project: Path) -> dict[str, Any]:
 
 
 def add_router(app_py: str, module: str) -> str:
-    """Import `module` in app.py and include its router after the health router, as a
-    person does: in the sorted `from . import (...)` list, on the line after health's."""
-    block = re.search(r"^from \. import \(\n((?:    \w+,\n)+)\)", app_py, re.MULTILINE)
-    assert block, "app.py imports its modules in one `from . import (...)` block"
-    names = {line.strip(" ,") for line in block.group(1).splitlines()} | {module}
-    listing = "".join(f"    {name},\n" for name in sorted(names))
-    app_py = app_py[: block.start(1)] + listing + app_py[block.end(1) :]
-    anchor = "    app.include_router(health.router)\n"
-    include = f"    app.include_router({module}.router)\n"
-    if include not in app_py:
-        assert anchor in app_py
-        app_py = app_py.replace(anchor, anchor + include)
-    return app_py
+    """Import `module` in app.py and add its router to ROUTERS, as a person does: in the
+    sorted `from . import ...` line and at the end of the list."""
+    imported = re.search(r"^from \. import (.+)\n", app_py, re.MULTILINE)
+    if imported:
+        names = {name.strip() for name in imported.group(1).split(",")} | {module}
+        line = f"from . import {', '.join(sorted(names))}\n"
+        app_py = app_py[: imported.start()] + line + app_py[imported.end() :]
+    else:
+        anchor = "from .platform.app import build_app\n"
+        assert anchor in app_py, "app.py imports the platform's build_app"
+        app_py = app_py.replace(anchor, f"from . import {module}\n{anchor}")
+    routers = re.search(r"^ROUTERS: list\[APIRouter\] = \[(.*)\]\n", app_py, re.MULTILINE)
+    assert routers, "app.py lists its routers in ROUTERS"
+    listed = [item.strip() for item in routers.group(1).split(",") if item.strip()]
+    if f"{module}.router" not in listed:
+        listed.append(f"{module}.router")
+    line = f"ROUTERS: list[APIRouter] = [{', '.join(listed)}]\n"
+    return app_py[: routers.start()] + line + app_py[routers.end() :]
 
 
 def files_with_conflict_markers(project: Path) -> set[str]:

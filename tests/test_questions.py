@@ -120,7 +120,7 @@ def test_copy_ends_with_the_next_commands_for_the_answers_given(
     assert not re.search(r"\{\{|\{%|%\}", message[1])
     for line in commands:  # every project command it names exists in the project
         if found := re.search(r"python -m acme_orders (\S+)", line):
-            main = (project / "src" / "acme_orders" / "__main__.py").read_text()
+            main = (project / "src" / "acme_orders" / "platform" / "cli.py").read_text()
             assert f'add_parser("{found.group(1)}"' in main, line
         if line.startswith(("cp ", "scripts/")):
             assert (project / line.split()[-2 if line.startswith("cp ") else 0]).exists(), line

@@ -218,8 +218,8 @@ TEST_RULES = {
     "setting missing from .env.example": (
         lambda p: p.insert_after(
             f"{PACKAGE}/settings.py",
-            r"^    readiness_timeout: .*\n",
-            "    orders_page_size: int = Field(default=20, ge=1, le=100)\n",
+            r'^    """Every setting of this service. Yours go below."""\n',
+            "\n    orders_page_size: int = 20\n",
         ),
         "tests/test_env_example.py",
     ),
@@ -238,7 +238,7 @@ TEST_RULES = {
                 module(
                     'router = APIRouter()\n\n\n@router.get("/status")\n@public\n'
                     'async def status() -> dict[str, str]:\n    return {"status": "ok"}\n',
-                    "\nfrom fastapi import APIRouter\n\nfrom .auth import public\n",
+                    "\nfrom fastapi import APIRouter\n\nfrom .platform.auth import public\n",
                 ),
             ),
             p.write(

@@ -10,13 +10,18 @@ redis both ways; auth is `none` where a user-added route must answer without cre
 - update to a newer release over real user edits: postgresql+redis (github, 3.12) and
   sqlite (gitlab, 3.11);
 - an answer changed on an existing project: redis no -> yes (sqlite, github, 3.13, jwt) and
-  database sqlite -> postgresql (gitlab, 3.12, api_key).
+  database sqlite -> postgresql (gitlab, 3.12, api_key);
+- a project generated before the service/platform split (release 407de00, kept in
+  tests/releases/) updated to the template on disk, over edits to the example resource and
+  to settings (postgresql, github, 3.12, jwt).
 
 Every project that comes out of an update must pass its own `scripts/check` (every
 production rule, then its test suite) and boot.
 """
 
 import re
+import shutil
+import tarfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -26,7 +31,17 @@ import pytest
 
 from . import lifecycle
 from .conftest import drop_database
-from .lifecycle import check, copy, git, recorded_answers, release, template_repository, update
+from .lifecycle import (
+    check,
+    commit_all,
+    copy,
+    git,
+    recorded_answers,
+    release,
+    template_repository,
+    update,
+)
+from .matrix import snapshot_template
 from .service import running
 
 OLD, NEW = "1.0.0", "1.1.0"
@@ -166,6 +181,7 @@ def test_summary_reports_the_page_size(client: TestClient) -> None:
     assert response.json() == {"page_size": 20}
 '''
 SETTING_LINE = "    orders_page_size: int = Field(default=20, ge=1, le=100)\n"
+SETTINGS_ANCHOR = '    """Every setting of this service. Yours go below."""\n'
 ENV_EXAMPLE_LINES = "\n# Orders per page in /orders/summary.\n# ORDERS_PAGE_SIZE=20\n"
 CHANGELOG_ENTRY = "- Orders summary endpoint.\n"
 README_SECTION = "\n## Orders\n\nOur team's notes on the orders resource.\n"
@@ -203,9 +219,12 @@ def make_user_edits(project: Path, env: dict[str, str]) -> None:
     app_py.write_text(lifecycle.add_router(app_py.read_text(), "orders"))
     edit(package / "notes.py", *ROUTE_CHANGE)
     settings = package / "settings.py"
-    anchor = re.search(r"^    readiness_timeout: .*\n", settings.read_text(), re.MULTILINE)
-    assert anchor
-    edit(settings, anchor.group(0), anchor.group(0) + SETTING_LINE)
+    edit(settings, SETTINGS_ANCHOR, SETTINGS_ANCHOR + "\n" + SETTING_LINE)
+    edit(
+        settings,
+        "from typing import Any, cast\n",
+        "from typing import Any, cast\n\nfrom pydantic import Field\n",
+    )
     with (project / ".env.example").open("a") as env_example:
         env_example.write(ENV_EXAMPLE_LINES)
     with (project / "README.md").open("a") as readme:
@@ -221,14 +240,14 @@ def make_template_changes(repo: Path) -> None:
     """A release that touches a docstring, a file the user deleted, the README, a new module,
     and app.py on the very lines the user also changed."""
     package = repo / "template" / "src" / "{{ package_name }}"
-    edit(package / "logs.py", TEMPLATE_DOCSTRING, NEW_DOCSTRING)
+    edit(package / "platform" / "logs.py", TEMPLATE_DOCSTRING, NEW_DOCSTRING)
     (package / "version.py.jinja").write_text(VERSION_MODULE)
     app = package / "app.py.jinja"
-    edit(app, '{% set modules = ["', '{% set modules = ["version", "')
+    edit(app, "from . import notes\n", "from . import notes, version\n")
     edit(
         app,
-        "    app.include_router(health.router)\n",
-        "    app.include_router(health.router)\n    app.include_router(version.router)\n",
+        "[{% if database != 'none' %}notes.router{% endif %}]",
+        "[{% if database != 'none' %}notes.router, {% endif %}version.router]",
     )
     edit(
         repo / "template" / "README.md.jinja",
@@ -280,14 +299,14 @@ def test_update_keeps_user_edits_brings_template_changes_and_marks_only_real_con
     assert not list(project.rglob("*.rej"))
     app_py = (package / "app.py").read_text()
     blocks = conflict_blocks(app_py)
-    assert len(blocks) == 1, app_py
-    ours, theirs = blocks[0]
+    assert blocks, app_py
+    ours = "".join(block[0] for block in blocks)
+    theirs = "".join(block[1] for block in blocks)
+    # The user's import and router on one side, the template's on the other.
     assert "orders.router" in ours
-    assert "version.router" not in ours
+    assert "version" not in ours
     assert "version.router" in theirs
-    assert "orders.router" not in theirs
-    assert re.search(r"^    orders,\n", app_py, re.MULTILINE), "the user's import survives"
-    assert re.search(r"^    version,\n", app_py, re.MULTILINE), "the template's import arrives"
+    assert "orders" not in theirs
     # Every user edit survives.
     assert (package / "orders.py").read_text() == ORDERS_MODULE
     assert (project / "tests" / "test_orders.py").read_text() == ORDERS_TEST
@@ -302,7 +321,7 @@ def test_update_keeps_user_edits_brings_template_changes_and_marks_only_real_con
     assert f'"{DEPENDENCY}"' in (project / "pyproject.toml").read_text()
     assert (project / "uv.lock").read_text() == lock_before
     # Every template change arrives.
-    assert NEW_DOCSTRING in (package / "logs.py").read_text()
+    assert NEW_DOCSTRING in (package / "platform" / "logs.py").read_text()
     assert (package / "version.py").exists()
     assert TEMPLATE_README_LINE in (project / "README.md").read_text()
     assert recorded_answers(project)["_commit"] == NEW
@@ -343,7 +362,7 @@ def test_changing_an_answer_regenerates_the_project_accordingly(
     pyproject = (project / "pyproject.toml").read_text()
     env_example = (project / ".env.example").read_text()
     if change.get("redis") == "true":
-        assert (project / PACKAGE / "redis_client.py").exists()
+        assert (project / PACKAGE / "platform" / "redis_client.py").exists()
         assert '"redis==' in pyproject
         assert "\nREDIS_URL=" in env_example
     if change.get("database") == "postgresql":
@@ -396,3 +415,76 @@ def test_a_renamed_question_keeps_its_answer_through_a_migration(
     assert kept == with_migration
     assert (recorded["maintainer_email"] == CUSTOM_EMAIL) == with_migration
     assert lifecycle.files_with_conflict_markers(project) == set()
+
+
+# --- 4. the release before the layout split ---------------------------------------------------
+
+BEFORE_SPLIT = (
+    Path(__file__).parent / "releases" / "407de00.tar.gz"
+)  # copier.yml, template/, hooks/
+OLD_SETTINGS_ANCHOR = re.compile(r"^    readiness_timeout: .*\n", re.MULTILINE)
+OLD_MODULES = ["auth.py", "errors.py", "db.py", "ratelimit.py", "server.py", "testing.py"]
+SETTING_TEST = '''"""Our page-size setting exists, with its default."""
+
+from acme_orders.settings import Settings
+
+
+def test_orders_page_size_defaults_to_20() -> None:
+    assert Settings.model_fields["orders_page_size"].default == 20
+'''
+
+
+def test_a_project_from_before_the_platform_split_updates_keeping_its_edits(
+    tmp_path: Path, env_for: EnvFor
+) -> None:
+    """Release 407de00 had every module side by side in src/acme_orders/; the update moves
+    the platform under platform/, keeps the user's edit to the example resource as it is,
+    marks the settings (rewritten by both sides) as a conflict, and once that is resolved
+    the project passes its check and serves."""
+    repo = tmp_path / "prodready"
+    repo.mkdir()
+    with tarfile.open(BEFORE_SPLIT) as archive:
+        archive.extractall(repo, filter="data")
+    git(repo, "init", "--quiet", "--initial-branch=main")
+    release(repo, OLD, "before the split")
+    answers = {"database": "postgresql", "redis": False, "ci": "github", "python_version": "3.12"}
+    project = copy(repo, tmp_path / "work", answers, OLD)
+    env = env_for(project, "prodready_update_split")
+    package = project / PACKAGE
+    assert all((package / name).exists() for name in OLD_MODULES)
+    edit(package / "notes.py", *ROUTE_CHANGE)
+    old_settings = (package / "settings.py").read_text()
+    anchor = OLD_SETTINGS_ANCHOR.search(old_settings)
+    assert anchor
+    edit(package / "settings.py", anchor.group(0), anchor.group(0) + SETTING_LINE)
+    with (project / ".env.example").open("a") as env_example:
+        env_example.write(ENV_EXAMPLE_LINES)
+    (project / "tests" / "test_orders_setting.py").write_text(SETTING_TEST)
+    commit_all(project, "our page size")
+
+    for path in [p for p in repo.iterdir() if p.name != ".git"]:
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    snapshot_template(repo)
+    release(repo, NEW, "the platform split")
+    update(project, NEW)
+
+    assert (package / "platform" / "app.py").exists()
+    assert not [name for name in OLD_MODULES if (package / name).exists()], "moved, not copied"
+    assert ROUTE_CHANGE[1] in (package / "notes.py").read_text(), "an edit in place merges"
+    assert "from .platform." in (package / "notes.py").read_text(), "the template's side too"
+    assert lifecycle.files_with_conflict_markers(project) == {f"{PACKAGE}/settings.py"}
+    blocks = conflict_blocks((package / "settings.py").read_text())
+    assert any(SETTING_LINE in ours for ours, _ in blocks), "the user's line is shown, not lost"
+    assert (project / ".env.example").read_text().endswith(ENV_EXAMPLE_LINES)
+    assert (project / "tests" / "test_orders_setting.py").read_text() == SETTING_TEST
+
+    # Resolve as the settings module now asks: the field goes into Settings.
+    resolved = take_theirs((package / "settings.py").read_text())
+    resolved = resolved.replace(SETTINGS_ANCHOR, SETTINGS_ANCHOR + "\n" + SETTING_LINE)
+    resolved = resolved.replace(
+        "from typing import Any, cast\n",
+        "from typing import Any, cast\n\nfrom pydantic import Field\n",
+    )
+    (package / "settings.py").write_text(resolved)
+    commit_all(project, "update to the platform layout")
+    assert_checks_and_boots(project, env, ["/healthz"])

@@ -13,6 +13,7 @@ import structlog
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from . import state
 from .logs import enabled_for
 
 REQUEST_ID_HEADER = "X-Request-ID"
@@ -45,7 +46,7 @@ class RequestIdMiddleware:
                 incoming = value.decode("latin-1")
                 break
         request_id = incoming if _VALID_REQUEST_ID.fullmatch(incoming) else _new_request_id()
-        scope.setdefault("state", {})["request_id"] = request_id
+        state.set_request_id(scope, request_id)
         structlog.contextvars.clear_contextvars()
         structlog.contextvars.bind_contextvars(request_id=request_id)
 

@@ -30,13 +30,11 @@ import structlog
 import uvicorn
 from uvicorn.supervisors import multiprocess
 
-from .settings import Settings
+from .settings import PlatformSettings
+from .state import DRAINING_SINCE
 
 log = structlog.get_logger(__name__)
 
-# Key of the lifespan state (uvicorn copies it into every new request's `request.state`)
-# that marks a draining server, with the time.monotonic() the drain began; see health.py.
-DRAINING_SINCE = "draining_since"
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
@@ -182,7 +180,7 @@ class Supervisor(multiprocess.Multiprocess):
         super().join_all()
 
 
-def serve(settings: Settings, app: str) -> None:
+def serve(settings: PlatformSettings, app: str) -> None:
     config = Config(
         app,
         drain_delay=settings.drain_seconds,

@@ -9,7 +9,7 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .errors import problem
+from .problems import refuse
 
 
 class BodyTooLarge(HTTPException):
@@ -32,18 +32,13 @@ class BodySizeLimitMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        request_id = scope.get("state", {}).get("request_id")
         declared = Headers(scope=scope).get("content-length")
         if declared is not None:
             if not declared.isdigit():
-                await problem(400, detail="Content-Length is not a number.", request_id=request_id)(
-                    scope, receive, send
-                )
+                await refuse(scope, receive, send, 400, "Content-Length is not a number.")
                 return
             if int(declared) > self.max_bytes:
-                await problem(413, detail=too_large_detail(self.max_bytes), request_id=request_id)(
-                    scope, receive, send
-                )
+                await refuse(scope, receive, send, 413, too_large_detail(self.max_bytes))
                 return
 
         received = 0
@@ -68,4 +63,4 @@ class BodySizeLimitMiddleware:
         except BodyTooLarge as error:
             if started:
                 raise
-            await problem(413, detail=error.detail, request_id=request_id)(scope, receive, send)
+            await refuse(scope, receive, send, 413, error.detail)

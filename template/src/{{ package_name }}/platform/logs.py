@@ -132,4 +132,3 @@ def configure_logging(*, level: str, json: bool) -> None:
         logger.propagate = True
     # The access line comes from AccessLogMiddleware, with the request id and duration.
     logging.getLogger("uvicorn.access").setLevel(logging.WARNING)
-    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)

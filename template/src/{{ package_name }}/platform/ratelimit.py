@@ -28,7 +28,8 @@ from limits.storage import storage_from_string
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .errors import problem
+from . import state
+from .problems import refuse
 from .settings import parse_limit
 
 DEFAULT_POLICY = "default"
@@ -45,24 +46,16 @@ def rate_limit(limit: str, *, name: str) -> Any:
     item = parse_limit(limit)
 
     async def check_route_limit(request: Request) -> None:
-        limiter: RateLimiter | None = getattr(request.state, "rate_limiter", None)
-        if limiter is None:
+        resources = state.get_resources(request)
+        if resources.rate_limiter is None:
             return
-        decision = await limiter.hit_all([(name, item)], client_key(request.scope))
-        request.state.route_rate_limit = decision
-        if decision.storage_failed and not decision.allowed:
-            raise HTTPException(
-                503,
-                "The rate limiter is unavailable; try again shortly.",
-                headers={"Retry-After": "1"},
-            )
+        key = client_key(request.scope)
+        decision = await resources.rate_limiter.hit_all([(name, item)], key)
+        state.set_route_rate_limit(request.scope, decision)
         if not decision.allowed:
-            log.info("rate limited", key=client_key(request.scope), policy=name)
-            raise HTTPException(
-                429,
-                f"Too many requests; retry after {decision.retry_after} s.",
-                headers={"Retry-After": str(decision.retry_after)},
-            )
+            # The headers of every policy are added on the way out by the middleware.
+            status, detail, headers = refusal(decision, key, policy=name)
+            raise HTTPException(status, detail, headers={"Retry-After": headers["Retry-After"]})
 
     return Depends(check_route_limit)
 
@@ -129,6 +122,18 @@ class RateLimiter:
         return Decision(allowed=allowed, headers=headers, retry_after=retry_after)
 
 
+def refusal(decision: Decision, key: str, *, policy: str) -> tuple[int, str, dict[str, str]]:
+    """Status, detail and headers refusing a request `decision` did not allow."""
+    if decision.storage_failed:
+        return 503, "The rate limiter is unavailable; try again shortly.", {"Retry-After": "1"}
+    log.info("rate limited", key=key, policy=policy)
+    return (
+        429,
+        f"Too many requests; retry after {decision.retry_after} s.",
+        {**decision.headers, "Retry-After": str(decision.retry_after)},
+    )
+
+
 def _item(limit: str | RateLimitItem) -> RateLimitItem:
     return parse_limit(limit) if isinstance(limit, str) else limit
 
@@ -139,7 +144,7 @@ def memory_storage() -> Storage:
 
 
 def client_key(scope: Scope) -> str:
-    principal = scope.get("state", {}).get("principal")
+    principal = state.principal(scope)
     if principal is not None and principal.identifies_caller:
         return f"principal:{principal.subject}"
     client = scope.get("client")
@@ -155,37 +160,22 @@ class RateLimitMiddleware:
         self.exempt_paths = exempt_paths
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        state = scope.get("state", {})
-        limiter: RateLimiter | None = state.get("rate_limiter")
+        resources = state.resources(scope)
+        limiter = resources.rate_limiter if resources is not None else None
         if scope["type"] != "http" or limiter is None or scope["path"] in self.exempt_paths:
             await self.app(scope, receive, send)
             return
         key = client_key(scope)
         decision = await limiter.hit_all([self.default], key)
         if not decision.allowed:
-            request_id = scope.get("state", {}).get("request_id")
-            if decision.storage_failed:
-                response = problem(
-                    503,
-                    detail="The rate limiter is unavailable; try again shortly.",
-                    request_id=request_id,
-                    headers={"Retry-After": "1"},
-                )
-            else:
-                log.info("rate limited", key=key, path=scope["path"])
-                response = problem(
-                    429,
-                    detail=f"Too many requests; retry after {decision.retry_after} s.",
-                    request_id=request_id,
-                    headers=decision.headers,
-                )
-            await response(scope, receive, send)
+            status, detail, headers = refusal(decision, key, policy=DEFAULT_POLICY)
+            await refuse(scope, receive, send, status, detail, headers=headers)
             return
 
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start" and decision.headers:
                 headers = MutableHeaders(scope=message)
-                route: Decision | None = state.get("route_rate_limit")
+                route = state.route_rate_limit(scope)
                 for name in ("RateLimit-Policy", "RateLimit"):
                     values = [route.headers[name]] if route and route.headers else []
                     headers[name] = ", ".join([*values, decision.headers[name]])

@@ -9,15 +9,17 @@ become UpstreamError (502) or UpstreamTimeout (504), answered as problem+json.
 
 import asyncio
 import random
-from typing import Any
+from typing import Annotated, Any
 
 import httpx
 import structlog
+from fastapi import Depends
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from .errors import problem
-from .settings import Settings
+from . import state
+from .problems import problem_for
+from .settings import PlatformSettings
 
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
 RETRYABLE_STATUSES = frozenset({502, 503, 504})
@@ -41,7 +43,7 @@ class UpstreamTimeout(UpstreamError):
     status = 504
 
 
-def create_http_client(settings: Settings) -> httpx.AsyncClient:
+def create_http_client(settings: PlatformSettings) -> httpx.AsyncClient:
     """The shared client: pooled connections, every timeout set, redirects off."""
     return httpx.AsyncClient(
         timeout=httpx.Timeout(settings.outbound_timeout, connect=settings.outbound_connect_timeout),
@@ -112,6 +114,14 @@ class Outbound:
         raise AssertionError("unreachable: the last attempt returns or raises")
 
 
+def _outbound(request: Request) -> Outbound:
+    return state.get_resources(request).outbound
+
+
+# A handler parameter: `outbound: OutboundClient`, then `await outbound.request("GET", url)`.
+OutboundClient = Annotated[Outbound, Depends(_outbound)]
+
+
 async def upstream_error_handler(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, UpstreamError)
     detail = (
@@ -119,12 +129,7 @@ async def upstream_error_handler(request: Request, exc: Exception) -> JSONRespon
         if isinstance(exc, UpstreamTimeout)
         else "An upstream service failed."
     )
-    return problem(
-        exc.status,
-        detail=detail,
-        request_id=request.scope.get("state", {}).get("request_id"),
-        instance=request.url.path,
-    )
+    return problem_for(request, exc.status, detail)
 
 
 EXCEPTION_HANDLERS = {UpstreamError: upstream_error_handler}

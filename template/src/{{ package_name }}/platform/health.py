@@ -12,22 +12,20 @@ accepting; /healthz still passes, so nobody restarts it meanwhile.
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import structlog
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
+from . import state
 from .auth import public
-from .server import DRAINING_SINCE
 
 HEALTH_JSON = "application/health+json"
 NO_STORE = {"Cache-Control": "no-store"}
 # Probes are never rate limited: a throttled probe gets a healthy instance restarted.
 PROBE_PATHS = frozenset({"/healthz", "/readyz"})
-
-Check = Callable[[], Awaitable[object]]
 
 log = structlog.get_logger(__name__)
 router = APIRouter(tags=["health"])
@@ -42,11 +40,12 @@ async def healthz() -> JSONResponse:
 @router.get("/readyz", include_in_schema=False)
 @public
 async def readyz(request: Request) -> JSONResponse:
-    draining_since: float | None = getattr(request.state, DRAINING_SINCE, None)
+    draining_since = state.draining_since(request.scope)
     if draining_since is not None:
         return draining(draining_since)
-    checks: Mapping[str, Check] = request.state.readiness_checks
-    limit: float = request.app.state.settings.readiness_timeout
+    resources = state.get_resources(request)
+    checks: Mapping[str, state.Check] = resources.readiness_checks
+    limit = resources.settings.readiness_timeout
     names = list(checks)
     results = await asyncio.gather(*(run_check(checks[name], limit) for name in names))
     failed = [
@@ -75,7 +74,7 @@ def draining(since: float) -> JSONResponse:
     return JSONResponse(body, status_code=503, media_type=HEALTH_JSON, headers=NO_STORE)
 
 
-async def run_check(check: Check, limit: float) -> dict[str, Any]:
+async def run_check(check: state.Check, limit: float) -> dict[str, Any]:
     """Run one check under its own deadline; report the exception class, never its message."""
     started = time.perf_counter()
     try:

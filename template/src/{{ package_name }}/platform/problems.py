@@ -14,6 +14,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from . import state
+
 PROBLEM_JSON = "application/problem+json"
 
 log = structlog.get_logger(__name__)
@@ -43,21 +45,44 @@ def problem(
     return JSONResponse(body, status_code=status, headers=headers, media_type=PROBLEM_JSON)
 
 
-def _request_id(request: Request) -> str | None:
-    return request.scope.get("state", {}).get("request_id")
+def problem_for(
+    request: Request,
+    status: int,
+    detail: str | None = None,
+    *,
+    headers: dict[str, str] | None = None,
+    **extensions: Any,
+) -> JSONResponse:
+    """The problem answer to `request`: its request id, its path as the instance."""
+    return problem(
+        status,
+        detail=detail,
+        request_id=state.request_id(request.scope),
+        instance=request.url.path,
+        headers=headers,
+        **extensions,
+    )
+
+
+async def refuse(
+    scope: Scope,
+    receive: Receive,
+    send: Send,
+    status: int,
+    detail: str,
+    *,
+    headers: dict[str, str] | None = None,
+) -> None:
+    """Answer from a middleware, before the app sees the request."""
+    response = problem(status, detail=detail, request_id=state.request_id(scope), headers=headers)
+    await response(scope, receive, send)
 
 
 async def http_exception_handler(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, HTTPException)
     phrase = HTTPStatus(exc.status_code).phrase
     detail = exc.detail if isinstance(exc.detail, str) and exc.detail != phrase else None
-    return problem(
-        exc.status_code,
-        detail=detail,
-        request_id=_request_id(request),
-        instance=request.url.path,
-        headers=exc.headers,
-    )
+    return problem_for(request, exc.status_code, detail, headers=exc.headers)
 
 
 async def validation_exception_handler(request: Request, exc: Exception) -> JSONResponse:
@@ -70,13 +95,7 @@ async def validation_exception_handler(request: Request, exc: Exception) -> JSON
         }
         for error in exc.errors()
     ]
-    return problem(
-        422,
-        detail="The request is not valid; see errors.",
-        request_id=_request_id(request),
-        instance=request.url.path,
-        errors=errors,
-    )
+    return problem_for(request, 422, "The request is not valid; see errors.", errors=errors)
 
 
 EXCEPTION_HANDLERS = {
@@ -112,10 +131,10 @@ class UnhandledErrorMiddleware:
             log.exception("unhandled error", path=scope["path"], method=scope["method"])
             if started:
                 raise  # too late for a clean answer: let the server close the connection
-            request_id = scope.get("state", {}).get("request_id")
-            response = problem(
+            await refuse(
+                scope,
+                receive,
+                send,
                 500,
-                detail="An unexpected error occurred; quote the request_id when reporting it.",
-                request_id=request_id,
+                "An unexpected error occurred; quote the request_id when reporting it.",
             )
-            await response(scope, receive, send)
