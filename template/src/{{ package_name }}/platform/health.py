@@ -43,23 +43,55 @@ async def readyz(request: Request) -> JSONResponse:
     draining_since = state.draining_since(request.scope)
     if draining_since is not None:
         return draining(draining_since)
-    resources = state.get_resources(request)
-    checks: Mapping[str, state.Check] = resources.readiness_checks
-    limit = resources.settings.readiness_timeout
-    names = list(checks)
-    results = await asyncio.gather(*(run_check(checks[name], limit) for name in names))
-    failed = [
-        name for name, result in zip(names, results, strict=True) if result["status"] != "pass"
-    ]
-    if failed:
-        log.warning("not ready", failed_checks=failed)
+    results = await state.get_resources(request).readiness.results()
+    failed = any(result["status"] != "pass" for result in results.values())
     body = {
         "status": "fail" if failed else "pass",
-        "checks": {name: [result] for name, result in zip(names, results, strict=True)},
+        "checks": {name: [result] for name, result in results.items()},
     }
     return JSONResponse(
         body, status_code=503 if failed else 200, media_type=HEALTH_JSON, headers=NO_STORE
     )
+
+
+class Readiness:
+    """The dependency checks behind /readyz, run at most once per READINESS_CACHE seconds.
+
+    Concurrent probes share one run (single flight) and later ones reuse its results until
+    they are older than that, so a flood of probes is one check per dependency per interval:
+    it cannot load the database, and a healthy dependency is never reported failing because
+    too many probes queued for it.
+    """
+
+    def __init__(
+        self, checks: Mapping[str, state.Check], *, timeout: float, max_age: float
+    ) -> None:
+        self.checks = dict(checks)
+        self.timeout = timeout
+        self.max_age = max_age
+        self._latest: tuple[float, dict[str, dict[str, Any]]] | None = None
+        self._running: asyncio.Task[dict[str, dict[str, Any]]] | None = None
+
+    async def results(self) -> dict[str, dict[str, Any]]:
+        if self._latest is not None and time.monotonic() - self._latest[0] < self.max_age:
+            return self._latest[1]
+        if self._running is None:
+            self._running = asyncio.create_task(self._run(), name="readiness checks")
+        # A probe that gives up (its client left) must not cancel the others' shared run.
+        return await asyncio.shield(self._running)
+
+    async def _run(self) -> dict[str, dict[str, Any]]:
+        try:
+            names = list(self.checks)
+            found = await asyncio.gather(*(run_check(self.checks[n], self.timeout) for n in names))
+            results = dict(zip(names, found, strict=True))
+            failed = [name for name, result in results.items() if result["status"] != "pass"]
+            if failed:
+                log.warning("not ready", failed_checks=failed)
+            self._latest = (time.monotonic(), results)
+            return results
+        finally:
+            self._running = None
 
 
 def draining(since: float) -> JSONResponse:

@@ -132,3 +132,7 @@ def configure_logging(*, level: str, json: bool) -> None:
         logger.propagate = True
     # The access line comes from AccessLogMiddleware, with the request id and duration.
     logging.getLogger("uvicorn.access").setLevel(logging.WARNING)
+    # httpx and httpcore log every request's full URL at INFO, credentials and query included;
+    # outbound.py logs each call itself, by host.
+    for name in ("httpx", "httpcore"):
+        logging.getLogger(name).setLevel(logging.WARNING)

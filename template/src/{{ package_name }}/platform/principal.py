@@ -44,6 +44,8 @@ class AuthenticationError(Exception):
         self.reason = reason
         self.description = description
         self.error = error
+        # The 429 headers once its client is over the failure limit, if one applies.
+        self.throttled: dict[str, str] | None = None
 
 
 class Authenticator(Protocol):

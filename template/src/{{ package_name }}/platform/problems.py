@@ -4,6 +4,7 @@ Bodies never echo request input and never carry a traceback; the traceback goes
 to the log under the same request id that the response carries.
 """
 
+from collections.abc import Mapping, Sequence
 from http import HTTPStatus
 from typing import Any
 
@@ -17,6 +18,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from . import state
 
 PROBLEM_JSON = "application/problem+json"
+MAX_VALIDATION_ERRORS = 10
 
 log = structlog.get_logger(__name__)
 
@@ -87,15 +89,35 @@ async def http_exception_handler(request: Request, exc: Exception) -> JSONRespon
 
 async def validation_exception_handler(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
-    errors = [
-        {
-            "loc": ".".join(str(part) for part in error["loc"]),
-            "msg": error["msg"],
-            "type": error["type"],
-        }
-        for error in exc.errors()
-    ]
-    return problem_for(request, 422, "The request is not valid; see errors.", errors=errors)
+    found = exc.errors()
+    errors = validation_errors(found)
+    detail = "The request is not valid; see errors."
+    if len(errors) < len(found):
+        detail = f"The request is not valid; the first {len(errors)} errors are listed."
+    return problem_for(request, 422, detail, errors=errors)
+
+
+def validation_errors(found: Sequence[Mapping[str, Any]]) -> list[dict[str, str]]:
+    """At most MAX_VALIDATION_ERRORS entries, naming only what the model declares.
+
+    An unknown key is the client's own text: it is reported once, at its parent, never by
+    name. A body of 100 000 unknown keys gets one short entry, not 100 000 echoed ones.
+    """
+    errors: list[dict[str, str]] = []
+    unknown_reported = False
+    for error in found:
+        location = list(error["loc"])
+        message, kind = error["msg"], error["type"]
+        if kind == "extra_forbidden":
+            if unknown_reported:
+                continue
+            unknown_reported = True
+            location, message = location[:-1], "Unknown fields are not accepted"
+        where = ".".join(str(part) for part in location)
+        errors.append({"loc": where, "msg": message, "type": kind})
+        if len(errors) == MAX_VALIDATION_ERRORS:
+            break
+    return errors
 
 
 EXCEPTION_HANDLERS = {
