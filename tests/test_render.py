@@ -141,7 +141,6 @@ def _sources(project: Path) -> dict[str, str]:
     }
 
 
-@pytest.mark.stage_rendered
 def test_a_render_has_no_code_for_answers_it_did_not_choose(rendered: Rendered) -> None:
     sources = _sources(rendered.path)
     absent = [
@@ -197,7 +196,6 @@ def _imports(path: Path, src: Path) -> set[str]:
     return found
 
 
-@pytest.mark.stage_rendered
 def test_the_tree_shows_the_service_apart_from_the_platform(rendered: Rendered) -> None:
     """The service's own code sits at the package top; the platform in platform/, never
     importing the service, no module of it over PLATFORM_MAX_LINES, and only state.py
