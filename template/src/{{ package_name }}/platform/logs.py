@@ -89,6 +89,13 @@ def _line_logger(*args: Any) -> LineLogger:
     return LineLogger(args[0] if args and isinstance(args[0], str) else "")
 
 
+# Tracebacks as data, without each frame's local variables: a frame's locals can hold a
+# request's credentials, a database URL or a user's data (structlog shows them by default).
+_exception_as_dict = structlog.processors.ExceptionRenderer(
+    structlog.tracebacks.ExceptionDictTransformer(show_locals=False)
+)
+
+
 def configure_logging(*, level: str, json: bool) -> None:
     """Route structlog and stdlib logging to one stdout handler. Safe to call again."""
     shared: list[Processor] = [
@@ -98,7 +105,7 @@ def configure_logging(*, level: str, json: bool) -> None:
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
     renderer: list[Processor] = (
-        [structlog.processors.dict_tracebacks, structlog.processors.JSONRenderer()]
+        [_exception_as_dict, structlog.processors.JSONRenderer()]
         if json
         else [structlog.dev.ConsoleRenderer(colors=sys.stdout.isatty())]
     )

@@ -149,8 +149,9 @@ class UnhandledErrorMiddleware:
 
         try:
             await self.app(scope, receive, send_and_track)
-        except Exception:
+        except Exception as error:
             log.exception("unhandled error", path=scope["path"], method=scope["method"])
+            report_error(scope, error)
             if started:
                 raise  # too late for a clean answer: let the server close the connection
             await refuse(
@@ -160,3 +161,14 @@ class UnhandledErrorMiddleware:
                 500,
                 "An unexpected error occurred; quote the request_id when reporting it.",
             )
+
+
+def report_error(scope: Scope, error: Exception) -> None:
+    """To error tracking when it is on, named by route template, never by raw path."""
+    resources = state.resources(scope)
+    if resources is None or resources.error_reporter is None:
+        return
+    route = getattr(scope.get("route"), "path", None) or "<unmatched>"
+    resources.error_reporter.report(
+        error, request_id=state.request_id(scope), method=scope["method"], route=route
+    )
