@@ -34,7 +34,14 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 BUILD = Path(os.environ.get("PRODREADY_BUILD_DIR") or ROOT / ".cache")  # renders, reused
 PROJECT_DIR_NAME = "acme-orders"  # the destination folder, so project_name defaults to it
-FINGERPRINT_EXCLUDES = (".copier-answers.yml", ".github/", ".gitlab-ci.yml", ".cursor/", "deploy/")
+FINGERPRINT_EXCLUDES = (
+    ".copier-answers.yml",
+    ".github/",
+    ".gitlab-ci.yml",
+    "renovate.json",
+    ".cursor/",
+    "deploy/",
+)
 FINGERPRINT_EXCLUDED_SUFFIXES = (".md", ".mdc")
 
 
