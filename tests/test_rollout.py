@@ -50,6 +50,7 @@ CHECK_INTERVAL_MS = 1000
 # The client: steady traffic that leaves the CPU to the replicas starting up.
 READERS, WRITERS, PAUSE = 3, 2, 0.02
 
+# Debian's haproxy (.ci/run installs it); tested with 2.6. `http-check send` needs 2.2 or later.
 HAPROXY_CFG = """\
 global
     stats socket {stats} mode 600 level operator
@@ -78,7 +79,8 @@ backend replicas
     option httpchk
     http-check send meth GET uri /readyz ver HTTP/1.1 hdr Host localhost
     http-check expect status 200
-    default-server check inter {interval}ms fall 1 rise 1
+    # A replica that is down (not started yet) is probed more often, only to save time.
+    default-server check inter {interval}ms downinter 200ms fall 1 rise 1
 {servers}
 """
 
@@ -192,10 +194,11 @@ class Replica:
     slot: str
     process: subprocess.Popen[bytes]
     log: Path
-    signalled: float | None = None
 
     @classmethod
-    def start(cls, release: Release, slot: str, port: int, env: dict[str, str], logs: Path):
+    def start(
+        cls, release: Release, slot: str, port: int, env: dict[str, str], logs: Path
+    ) -> "Replica":
         log = logs / f"{release.name}-{slot}-{time.monotonic_ns()}.log"
         with log.open("w") as sink:
             process = subprocess.Popen(
@@ -207,9 +210,9 @@ class Replica:
             )
         return cls(release, slot, process, log)
 
-    def terminate(self) -> None:
-        self.signalled = time.monotonic()
+    def terminate(self) -> float:
         self.process.send_signal(signal.SIGTERM)
+        return time.monotonic()
 
     def events(self) -> list[str]:
         lines = self.log.read_text().splitlines()
@@ -221,6 +224,8 @@ class Balancer:
     unready is DOWN; the stats socket says what the balancer sees and counts."""
 
     def __init__(self, directory: Path, slots: dict[str, int]) -> None:
+        self.seen: dict[str, str] = {}
+        self.changes: list[tuple[float, str, str]] = []  # (when, slot, status), as polled
         self.port = free_port()
         self.stats = directory / "haproxy.sock"
         servers = "\n".join(f"    server {slot} 127.0.0.1:{port}" for slot, port in slots.items())
@@ -256,16 +261,24 @@ class Balancer:
         return {r["svname"]: r for r in rows if r["pxname"] == "replicas" and r["type"] == "2"}
 
     def wait(self, states: dict[str, str], timeout: float = 30) -> float:
-        """Until every named slot has its status (UP or DOWN); returns the seconds it took."""
+        """Until every named slot has its status (UP or DOWN); returns the seconds it took.
+        Every slot's changes are noted on the way, to the poll (about 10 ms)."""
         started = time.monotonic()
-        seen: dict[str, str] = {}
         while time.monotonic() < started + timeout:
             assert self.process.poll() is None, "haproxy exited"
-            seen = {slot: row["status"] for slot, row in self.servers().items()}
-            if all(seen[slot] == state for slot, state in states.items()):
-                return time.monotonic() - started
+            now = time.monotonic()
+            for slot, row in self.servers().items():
+                if self.seen.get(slot) != row["status"]:
+                    self.changes.append((now, slot, row["status"]))
+                    self.seen[slot] = row["status"]
+            if all(self.seen[slot] == state for slot, state in states.items()):
+                return now - started
             time.sleep(0.01)
-        pytest.fail(f"haproxy never saw {states}: {seen}")
+        pytest.fail(f"haproxy never saw {states}: {self.seen}")
+
+    def went(self, slot: str, status: str, after: float) -> float:
+        """When the balancer was first seen to put `slot` in `status` after `after`."""
+        return min(t for t, s, state in self.changes if s == slot and state == status and t > after)
 
     def backend_errors(self) -> Counter[str]:
         """Connections to replicas that failed (refused: econ) or broke mid-response (eresp,
@@ -300,18 +313,21 @@ class Fleet:
         log.info("%s ready in the balancer %.1f s after start", "+".join(slots), took)
 
     def roll(self, release: Release, slots: list[str]) -> None:
-        """maxSurge 1, maxUnavailable 0: each new replica is ready before an old one stops."""
+        """maxSurge 1, maxUnavailable 0: a new replica is ready, then an old one gets SIGTERM
+        and, while it drains, the next new replica starts."""
         old = list(self.live.values())
         assert len(old) == len(slots)
+        signalled = {}
         for replica, slot in zip(old, slots, strict=True):
             self.start(release, [slot])
-            replica.terminate()
-            self.balancer.wait({replica.slot: "DOWN"})
-            self.unready_after.append(time.monotonic() - (replica.signalled or 0))
+            signalled[replica.slot] = replica.terminate()
             del self.live[replica.slot]
             self.stopped.append(replica)
+        self.balancer.wait(dict.fromkeys(signalled, "DOWN"))
         for replica in old:
             replica.process.wait(timeout=30)
+            at = signalled[replica.slot]
+            self.unready_after.append(self.balancer.went(replica.slot, "DOWN", at) - at)
 
     def stop(self) -> None:
         for replica in self.live.values():
