@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from . import credentials
-from .matrix import Plan, Rendered, build_plan
+from .matrix import Plan, Rendered, build_plan, combo_id, default_answers
 
 POSTGRES_ADMIN_URL = os.environ.get(
     "PRODREADY_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -40,6 +40,7 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "databases(*names): run on variants with these databases")
     config.addinivalue_line("markers", "redis: run on variants that use Redis")
     config.addinivalue_line("markers", "per_source: run once per distinct service source")
+    config.addinivalue_line("markers", "default_answers: run on the default answers' variant only")
     for stage in ("rendered", "tested", "booted"):
         config.addinivalue_line("markers", f"stage_{stage}: counts toward the '{stage}' total")
     started = time.monotonic()
@@ -147,6 +148,9 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         representatives = [r for r in representatives if r.answers["redis"]]
     if metafunc.definition.get_closest_marker("per_source"):
         representatives = one_per_source(representatives)
+    if metafunc.definition.get_closest_marker("default_answers"):
+        defaults = plan().by_id(combo_id(default_answers()))
+        representatives = [r for r in representatives if r.fingerprint == defaults.fingerprint]
     metafunc.parametrize(
         "installed",
         [
@@ -278,6 +282,7 @@ PHASES = (
     ("own test suites", "test_projects.py::test_own_test_suite_passes"),
     ("boot and shut down", "test_projects.py::test_boots"),
     ("render and lint", "test_render.py"),
+    ("rolling deploy (haproxy)", "test_rollout.py"),
     ("behaviour (real processes)", "test_runtime.py"),
     ("behaviour (real processes)", "test_data_layer.py"),
     ("behaviour (real processes)", "test_projects.py"),
