@@ -40,6 +40,7 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "databases(*names): run on variants with these databases")
     config.addinivalue_line("markers", "redis: run on variants that use Redis")
     config.addinivalue_line("markers", "per_source: run once per distinct service source")
+    config.addinivalue_line("markers", "one_variant: run on the first selected variant only")
     for stage in ("rendered", "tested", "booted"):
         config.addinivalue_line("markers", f"stage_{stage}: counts toward the '{stage}' total")
     started = time.monotonic()
@@ -147,6 +148,8 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         representatives = [r for r in representatives if r.answers["redis"]]
     if metafunc.definition.get_closest_marker("per_source"):
         representatives = one_per_source(representatives)
+    if metafunc.definition.get_closest_marker("one_variant"):
+        representatives = representatives[:1]
     metafunc.parametrize(
         "installed",
         [
@@ -281,6 +284,8 @@ PHASES = (
     ("behaviour (real processes)", "test_runtime.py"),
     ("behaviour (real processes)", "test_data_layer.py"),
     ("behaviour (real processes)", "test_projects.py"),
+    ("behaviour (real processes)", "test_runbook.py"),
+    ("release pipelines", "test_pipelines.py"),
     ("docker contract", "test_docker.py"),
     ("copier update", "test_update.py"),
     ("assistant commands", "test_agents.py"),
