@@ -40,6 +40,9 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "databases(*names): run on variants with these databases")
     config.addinivalue_line("markers", "redis: run on variants that use Redis")
     config.addinivalue_line("markers", "per_source: run once per distinct service source")
+    config.addinivalue_line(
+        "markers", "exercises(*answers): run once per combination of these answers' values"
+    )
     config.addinivalue_line("markers", "default_answers: run on the default answers' variant only")
     for stage in ("rendered", "tested", "booted"):
         config.addinivalue_line("markers", f"stage_{stage}: counts toward the '{stage}' total")
@@ -148,6 +151,8 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         representatives = [r for r in representatives if r.answers["redis"]]
     if metafunc.definition.get_closest_marker("per_source"):
         representatives = one_per_source(representatives)
+    if marker := metafunc.definition.get_closest_marker("exercises"):
+        representatives = one_per_combination(representatives, marker.args)
     if metafunc.definition.get_closest_marker("default_answers"):
         defaults = plan().by_id(combo_id(default_answers()))
         representatives = [r for r in representatives if r.fingerprint == defaults.fingerprint]
@@ -176,6 +181,20 @@ def one_per_source(representatives: list[Rendered]) -> list[Rendered]:
         group.sort(key=lambda r: r.answers["python_version"])
         chosen.append(group[index % len(group)])
     return chosen
+
+
+def one_per_combination(
+    representatives: list[Rendered], answers: tuple[str, ...]
+) -> list[Rendered]:
+    """One variant per combination of the values of `answers`: a behaviour test marked
+    `exercises(...)` tests code that only those answers shape (the database's pool and
+    migrations do not change with `auth`, the drain's resources do not change with it
+    either), so it runs once per combination of their values. The variant for each is
+    taken in turn among those selected, so every value of the other answers still runs."""
+    groups: dict[tuple[object, ...], list[Rendered]] = {}
+    for rendered in sorted(representatives, key=lambda r: r.id):
+        groups.setdefault(tuple(rendered.answers[name] for name in answers), []).append(rendered)
+    return [group[index % len(group)] for index, group in enumerate(groups.values())]
 
 
 def source_digest(rendered: Rendered) -> str:

@@ -44,6 +44,7 @@ def postgres(query: str, database: str) -> list[tuple]:
 
 
 @pytest.mark.databases("postgresql")
+@pytest.mark.exercises("database")
 def test_pool_exhaustion_sheds_load_with_503_and_never_exceeds_the_pool(variant: Project) -> None:
     assert migrate(variant).returncode == 0
     env = {
@@ -99,6 +100,7 @@ def test_pool_exhaustion_sheds_load_with_503_and_never_exceeds_the_pool(variant:
 
 
 @pytest.mark.databases("postgresql")
+@pytest.mark.exercises("database")
 def test_sigkill_mid_write_leaves_no_half_written_request_and_restart_keeps_data(
     variant: Project, tmp_path: Path
 ) -> None:
@@ -157,6 +159,7 @@ def test_sigkill_mid_write_leaves_no_half_written_request_and_restart_keeps_data
 
 
 @pytest.mark.databases("postgresql")
+@pytest.mark.exercises("database")
 def test_migrations_up_down_up_and_three_concurrent_upgrades(variant: Project) -> None:
     alembic = str(variant.python.with_name("alembic"))
     for step in (["upgrade", "head"], ["downgrade", "base"], ["upgrade", "head"]):
@@ -196,6 +199,7 @@ HOSTILE_CREATES = [
 
 
 @pytest.mark.databases("postgresql", "sqlite")
+@pytest.mark.exercises("database", "auth")
 def test_hostile_creates_get_4xx_or_store_exactly_what_was_sent(variant: Project) -> None:
     assert migrate(variant).returncode == 0
     with running(variant.python, variant.path, variant.env) as (base, _):
@@ -217,6 +221,7 @@ def test_hostile_creates_get_4xx_or_store_exactly_what_was_sent(variant: Project
 
 
 @pytest.mark.databases("sqlite")
+@pytest.mark.exercises("database")
 def test_sqlite_twenty_concurrent_writers_all_succeed(variant: Project) -> None:
     assert migrate(variant).returncode == 0
 

@@ -502,3 +502,32 @@ def test_without_kubernetes_the_check_job_is_unchanged() -> None:
     assert pairs
     for found in pairs:
         assert found["kubernetes"] == found["none"]
+
+
+# --- dependency updates ----------------------------------------------------------------------
+
+UPDATE_CONFIGS = {".github/dependabot.yml": "vendor.dependabot", "renovate.json": "vendor.renovate"}
+
+
+def test_dependency_update_configs_validate_and_follow_the_ci_answer(tmp_path: Path) -> None:
+    """Dependabot with GitHub, Renovate with GitLab, each valid against its schema (each
+    distinct file once), and a misspelt key refused."""
+    seen: dict[str, set[str]] = {name: set() for name in UPDATE_CONFIGS}
+    distinct: dict[str, dict[bytes, Path]] = {name: {} for name in UPDATE_CONFIGS}
+    for rendered in plan().renders:
+        for relative in UPDATE_CONFIGS:
+            if (rendered.path / relative).exists():
+                seen[relative].add(rendered.answers["ci"])
+                content = (rendered.path / relative).read_bytes()
+                distinct[relative].setdefault(content, rendered.path / relative)
+    assert seen == {".github/dependabot.yml": {"github"}, "renovate.json": {"gitlab"}}
+    for relative, schema in UPDATE_CONFIGS.items():
+        paths = list(distinct[relative].values())
+        result = check_jsonschema(schema, paths)
+        assert result.returncode == 0, f"{relative}:\n{result.stdout}{result.stderr}"
+        broken = tmp_path / Path(relative).name
+        text = paths[0].read_text()
+        broken.write_text(
+            text.replace("interval:", "intervall:").replace('"schedule"', '"schedul"')
+        )
+        assert check_jsonschema(schema, [broken]).returncode != 0, f"{relative}: typo accepted"

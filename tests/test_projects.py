@@ -92,6 +92,7 @@ def test_missing_configuration_stops_before_binding(variant: Project, tmp_path: 
 
 @pytest.mark.per_source
 @pytest.mark.databases("postgresql")
+@pytest.mark.exercises("database")
 def test_readiness_fails_fast_and_liveness_holds_when_postgres_hangs(variant: Project) -> None:
     with socket.socket() as silent:  # accepts connections, never answers: a hung database
         silent.bind(("127.0.0.1", 0))

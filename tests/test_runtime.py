@@ -41,6 +41,7 @@ def events(log: Path) -> list[dict[str, object]]:
     return [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
 
 
+@pytest.mark.exercises("redis", "auth")
 def test_a_burst_of_300_gets_exactly_the_limit_through(variant: Project) -> None:
     env = limited_env(variant, "100/minute")
     with running(variant.python, variant.path, env) as (base, _):
@@ -51,6 +52,7 @@ def test_a_burst_of_300_gets_exactly_the_limit_through(variant: Project) -> None
 
 
 @pytest.mark.redis
+@pytest.mark.exercises("auth")
 def test_two_processes_share_one_limit_through_redis(variant: Project) -> None:
     env = limited_env(variant, "60/minute")
     with (
@@ -63,6 +65,7 @@ def test_two_processes_share_one_limit_through_redis(variant: Project) -> None:
 
 
 @pytest.mark.redis
+@pytest.mark.exercises("auth")
 def test_two_workers_share_one_limit_through_redis(variant: Project) -> None:
     env = limited_env(variant, "40/minute", WORKERS="2")
     with running(variant.python, variant.path, env) as (base, _):
@@ -70,6 +73,7 @@ def test_two_workers_share_one_limit_through_redis(variant: Project) -> None:
     assert outcome == Counter({200: 40, 429: 80})
 
 
+@pytest.mark.exercises("redis", "auth")
 def test_clients_behind_a_trusted_proxy_are_limited_one_by_one(variant: Project) -> None:
     """Anonymous requests are limited by address (they are refused with 401 afterwards
     where the service authenticates: what counts here is whether the limiter let them by)."""
@@ -134,6 +138,7 @@ def connections_to(database: str) -> int:
 
 
 @pytest.mark.parametrize("workers", [1, 2])
+@pytest.mark.exercises("database", "redis")
 def test_sigterm_drains_20_in_flight_requests_then_closes_everything(
     variant: Project, workers: int, tmp_path: Path
 ) -> None:
@@ -180,6 +185,7 @@ def test_sigterm_drains_20_in_flight_requests_then_closes_everything(
         assert connections_to(database_name(variant)) == 0, "connections left after exit"
 
 
+@pytest.mark.exercises("database", "redis")
 def test_requests_past_the_shutdown_timeout_are_cut_with_a_logged_reason(
     variant: Project, tmp_path: Path
 ) -> None:
@@ -243,6 +249,7 @@ async def readiness(url: str) -> tuple[int, dict[str, Any]]:
 
 
 @pytest.mark.parametrize("workers", [1, 2])
+@pytest.mark.exercises("database", "redis")
 def test_new_connections_are_served_through_the_drain_delay_then_refused(
     variant: Project, workers: int, tmp_path: Path
 ) -> None:
