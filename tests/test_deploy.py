@@ -15,6 +15,7 @@
 - `deploy=none` renders none of it, and the question does not multiply the renders.
 """
 
+import ast
 import copy
 import hashlib
 import importlib.util
@@ -491,6 +492,27 @@ def test_the_schema_validation_refuses_a_misspelt_field(
         kubernetes_validate.validate(deployment, KUBERNETES_VERSION, strict=True)
 
 
+def test_the_check_agrees_with_the_service_and_its_image(manifests: Rendered) -> None:
+    """The pods' user is the image's, and a setting the ConfigMap leaves unset is judged at
+    the service's own default."""
+    module = checker(manifests.path)
+    dockerfile = (manifests.path / "Dockerfile").read_text()
+    assert f"\nUSER {module.USER_ID}:{module.USER_ID}\n" in dockerfile
+    settings_py = manifests.path / "src" / "acme_orders" / "platform" / "settings.py"
+    defaults = {}
+    for node in ast.walk(ast.parse(settings_py.read_text())):
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and node.value:
+            value = node.value
+            if isinstance(value, ast.Call):  # Field(default=...)
+                value = next((k.value for k in value.keywords if k.arg == "default"), None)
+            if isinstance(value, ast.Constant):
+                defaults[node.target.id.upper()] = value.value
+    for name, default in module.DEFAULTS.items():
+        assert name in defaults, f"{name}: no such setting in platform/settings.py"
+        service = str(defaults[name]).lower()
+        assert default == service or float(default) == float(service), (name, default, service)
+
+
 def test_a_violation_in_an_overlay_fails_the_command_line(tmp_path: Path) -> None:
     project = tmp_path / APP
     shutil.copytree(planted_render().path / "deploy", project / "deploy")
@@ -506,6 +528,15 @@ def test_a_violation_in_an_overlay_fails_the_command_line(tmp_path: Path) -> Non
     assert result.returncode == 1
     assert "overlays/production: replicas: production runs minReplicas 1" in result.stdout
     assert "overlays/staging: every rule holds" in result.stdout
+    listed = subprocess.run(
+        [sys.executable, "deploy/kubernetes/check_manifests.py", "--rules"],
+        cwd=project,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    rules = checker(planted_render().path).RULES
+    assert [line.split(":")[0] for line in listed.splitlines()] == list(rules)
 
 
 # --- the scripts, against a kubectl that records its calls ------------------------------
