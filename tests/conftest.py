@@ -310,6 +310,7 @@ PHASES = (
     ("assistant commands", "test_agents.py"),
     ("production rules", "test_rules.py"),
     ("benchmark smoke", "test_bench.py"),
+    ("deploy manifests", "test_deploy.py"),
 )
 
 
@@ -354,13 +355,15 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
         write(f"    {phase:<34} {seconds:8.1f}")
     write(f"    {'of which uv sync, ' + str(len(installs)) + ' variants':<34} {sum(installs):8.1f}")
     write("  rule: every combination of choice/yes-no answers is rendered and linted; combinations")
-    write("  whose service files (all but answers, CI config, Markdown and assistant rules) are")
-    write("  byte-identical are installed and booted once, on a representative chosen so every")
-    write("  answer value is covered (see tests/matrix.py); variants whose src/ and tests/ are")
-    write("  byte-identical share one source, whose own suite and behaviour tests run once.")
+    write("  whose service files (all but answers, CI config, Markdown, assistant rules and the")
+    write("  Kubernetes deploy files) are byte-identical are installed and booted once, on a")
+    write("  representative chosen so every answer value is covered (see tests/matrix.py);")
+    write("  variants whose src/ and tests/ are byte-identical share one source, whose own suite")
+    write("  and behaviour tests run once.")
     if current.documentation:
         write(
-            f"  documentation axes ({', '.join(current.documentation)}): only add documents, so"
-            " they take their default in every combination and each other answer is"
-            " rendered once, on the defaults."
+            f"  documentation axes ({', '.join(current.documentation)}): their default adds"
+            " files the service never runs to what each other answer renders, so they take"
+            " their default in every combination and each other answer is rendered once, on"
+            " the defaults."
         )

@@ -4,15 +4,20 @@ Rule (printed in the summary):
 - Every combination of every question that has a closed set of answers
   (choices; yes/no; for a multiselect: none, each alone, all) is rendered and linted.
   Free-text questions take their default; their validators are tested separately.
-- Except documentation axes: a multiselect whose default is every choice and whose
-  values give the same fingerprint on the default answers (it only adds documents, such
-  as `assistants`). It takes its default, so every file it can add is rendered in every
-  combination; each other value is rendered once more, on the default answers. This is
-  checked on every plan, so a multiselect that starts changing service files is crossed
-  with everything again.
+- Except documentation axes: a question whose default answer, on the default answers of
+  the others, renders every file that each of its other answers renders, and the same
+  fingerprint (it only adds files the service never runs: `assistants`, whose default is
+  every assistant; `deploy`, whose default adds deploy/ and the deploy scripts). It takes
+  its default in every combination, so every file it can add is rendered and linted
+  everywhere; each other answer is rendered once more, on the default answers. This is
+  checked on every plan, so a question that starts changing service files, or whose
+  default stops rendering a superset, is crossed with everything again.
+- A default may depend on earlier answers (copier renders it): `deploy` is `none` with
+  database=sqlite, which it refuses. Each combination takes the default its answers give.
 - Rendered projects are grouped by a fingerprint of everything that can change
   how the service installs, runs or tests: all files except the answers file,
-  CI configuration and Markdown. One project per group is installed, runs its own
+  CI configuration, Markdown, assistant rules and the Kubernetes deploy files (deploy/,
+  scripts/deploy, scripts/rollback). One project per group is installed, runs its own
   test suite and is booted; the others are byte-identical where it matters.
 - The representative of each group is picked so that, across all groups, every
   value of every answer is on a project that is installed, tested and booted.
@@ -29,6 +34,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import jinja2
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -41,6 +47,8 @@ FINGERPRINT_EXCLUDES = (
     "renovate.json",
     ".cursor/",
     "deploy/",
+    "scripts/deploy",
+    "scripts/rollback",
 )
 FINGERPRINT_EXCLUDED_SUFFIXES = (".md", ".mdc")
 
@@ -71,34 +79,54 @@ def axes() -> dict[str, list[Any]]:
     }
 
 
+def default_value(name: str, answers: dict[str, Any]) -> Any:
+    """A question's default, rendered with the answers before it as copier does."""
+    default = questions()[name].get("default")
+    if isinstance(default, str) and "{{" in default:
+        template = jinja2.Environment().from_string(default)  # noqa: S701 - not HTML
+        return template.render(**answers)
+    return default
+
+
+def resolve(fixed: dict[str, Any]) -> dict[str, Any]:
+    """Answers to every axis: `fixed` where given, else the default the answers before give."""
+    answers: dict[str, Any] = {}
+    for name in axes():
+        answers[name] = fixed[name] if name in fixed else default_value(name, answers)
+    return answers
+
+
 def default_answers() -> dict[str, Any]:
-    specs = questions()
-    return {name: specs[name].get("default") for name in axes()}
+    return resolve({})
 
 
-def documentation_candidates() -> list[str]:
-    """Multiselects whose default is every choice: if their values also leave the
-    fingerprint alone, they only add documents (see the rule above)."""
-    candidates = []
-    for name, values in axes().items():
-        spec = questions()[name]
-        if spec.get("multiselect") and sorted(spec.get("default") or []) == sorted(values[-1]):
-            candidates.append(name)
-    return candidates
+def probes() -> dict[str, list[dict[str, Any]]]:
+    """For each axis, its answers on the default answers of the others, its default first:
+    what decides whether it is a documentation axis (see the rule above)."""
+    defaults = default_answers()
+    return {
+        name: [defaults] + [resolve({name: v}) for v in values if v != defaults[name]]
+        for name, values in axes().items()
+    }
+
+
+def is_documentation(default: "Rendered", others: list["Rendered"]) -> bool:
+    """The default renders every file the other answers render, with the same fingerprint."""
+    return all(
+        set(other.files) <= set(default.files) and other.fingerprint == default.fingerprint
+        for other in others
+    )
 
 
 def combinations(documentation: frozenset[str] = frozenset()) -> list[dict[str, Any]]:
     """The full cross product, except that documentation axes take their default there and
     each of their other values is added once, on the default answers."""
     defaults = default_answers()
-    crossed = {
-        name: [defaults[name]] if name in documentation else values
-        for name, values in axes().items()
-    }
+    crossed = {name: values for name, values in axes().items() if name not in documentation}
     names, values = zip(*crossed.items(), strict=True)
-    combos = [dict(zip(names, combo, strict=True)) for combo in itertools.product(*values)]
+    combos = [resolve(dict(zip(names, combo, strict=True))) for combo in itertools.product(*values)]
     for name in sorted(documentation):
-        combos += [{**defaults, name: v} for v in axes()[name] if v != defaults[name]]
+        combos += [resolve({name: v}) for v in axes()[name] if v != defaults[name]]
     return combos
 
 
@@ -253,15 +281,16 @@ def build_plan() -> Plan:
                 if stale.is_dir():
                     shutil.rmtree(stale)
             source = snapshot_template(root / "template-snapshot")
-            defaults = default_answers()
-            probes = {
-                name: render_all(root, source, [{**defaults, name: v} for v in axes()[name]])
-                for name in documentation_candidates()
-            }
+            by_axis = probes()
+            unique = {combo_id(a): a for answers in by_axis.values() for a in answers}
+            done = {r.id: r for r in render_all(root, source, list(unique.values()))}
             documentation = frozenset(
-                name for name, done in probes.items() if len({r.fingerprint for r in done}) == 1
+                name
+                for name, answers in by_axis.items()
+                if is_documentation(
+                    done[combo_id(answers[0])], [done[combo_id(a)] for a in answers[1:]]
+                )
             )
-            done = {r.id: r for rendered in probes.values() for r in rendered}
             combos = combinations(documentation)
             todo = [answers for answers in combos if combo_id(answers) not in done]
             done.update((r.id, r) for r in render_all(root, source, todo))

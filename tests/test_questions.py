@@ -31,6 +31,7 @@ INVALID = [
     ("database", "mysql", "mysql"),
     ("auth", "basic", "basic"),
     ("python_version", "3.10", "3.10"),
+    ("deploy", "helm", "'helm' is not in ['kubernetes', 'none']"),
 ]
 
 
@@ -49,6 +50,28 @@ def test_invalid_answer_is_refused_with_its_message(
         )
     assert message in str(caught.value)
     assert not (tmp_path / "out" / "pyproject.toml").exists()
+
+
+def test_kubernetes_with_sqlite_is_refused_and_not_the_default(
+    template: Path, tmp_path: Path
+) -> None:
+    """Replicas cannot share one SQLite file: deploy=kubernetes is refused with it, saying
+    what to answer instead, and the default follows the database."""
+    with pytest.raises(ValueError, match="SQLite is one file on one host") as caught:
+        run_copy(
+            str(template),
+            str(tmp_path / "refused"),
+            data={"database": "sqlite", "deploy": "kubernetes"},
+            defaults=True,
+            quiet=True,
+        )
+    assert "answer database=postgresql, or deploy=none" in str(caught.value)
+    assert not (tmp_path / "refused" / "pyproject.toml").exists()
+    run_copy(
+        str(template), str(tmp_path / "out"), data={"database": "sqlite"}, defaults=True, quiet=True
+    )
+    assert "deploy: none" in (tmp_path / "out" / ".copier-answers.yml").read_text()
+    assert not (tmp_path / "out" / "deploy").exists()
 
 
 def test_package_name_is_derived_from_the_project_name(template: Path, tmp_path: Path) -> None:

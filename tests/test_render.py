@@ -97,7 +97,7 @@ def test_every_answer_value_is_installed_tested_and_booted_somewhere() -> None:
 
 
 def test_matrix_covers_every_closed_question() -> None:
-    from .matrix import axes, documentation_candidates, questions
+    from .matrix import axes, combo_id, default_answers, is_documentation, questions, resolve
 
     closed = {
         name
@@ -106,10 +106,28 @@ def test_matrix_covers_every_closed_question() -> None:
     }
     assert set(axes()) == closed
     documentation = set(plan().documentation)
-    assert documentation <= set(documentation_candidates())
+    defaults = default_answers()
+    on_defaults = plan().by_id(combo_id(defaults))
+    for name in documentation:  # the rule holds on the renders this plan made
+        others = [resolve({name: v}) for v in axes()[name] if v != defaults[name]]
+        assert is_documentation(on_defaults, [plan().by_id(combo_id(a)) for a in others]), name
     crossed = math.prod(1 if name in documentation else len(v) for name, v in axes().items())
     extra = sum(len(axes()[name]) - 1 for name in documentation)
     assert len(plan().renders) == crossed + extra
+
+
+def test_the_documentation_rule_refuses_an_answer_that_changes_the_service() -> None:
+    """An answer that changes a service file, or that renders a file its default does not,
+    is crossed with everything: only a superset with the same fingerprint passes."""
+    from .matrix import is_documentation
+
+    def render(fingerprint: str, *files: str) -> Rendered:
+        return Rendered("x", {}, Path("x"), fingerprint, files)
+
+    default = render("f1", "README.md", "deploy/kubernetes/base/deployment.yaml")
+    assert is_documentation(default, [render("f1", "README.md")])
+    assert not is_documentation(default, [render("f2", "README.md")])
+    assert not is_documentation(default, [render("f1", "README.md", "ops/extra.yaml")])
 
 
 # Code that exists for one answer only, by the answer it belongs to: a render that did not

@@ -182,6 +182,14 @@ RULES: dict[str, tuple[Callable[[Project], None], list[str]]] = {
         ),
         ["no committed secrets", "Secret Keyword", "deploy/values.yaml"],
     ),
+    "Kubernetes rolling update that drops capacity": (
+        lambda p: p.replace(
+            "deploy/kubernetes/base/deployment.yaml",
+            "maxUnavailable: 0",
+            "maxUnavailable: 1",
+        ),
+        ["Kubernetes manifests keep their rules", "rolling-update: maxUnavailable is 1, not 0"],
+    ),
     "merge-conflict markers": (
         lambda p: p.insert_after(
             "README.md",
