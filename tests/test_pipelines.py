@@ -527,7 +527,7 @@ def test_dependency_update_configs_validate_and_follow_the_ci_answer(tmp_path: P
         assert result.returncode == 0, f"{relative}:\n{result.stdout}{result.stderr}"
         broken = tmp_path / Path(relative).name
         text = paths[0].read_text()
-        broken.write_text(
-            text.replace("interval:", "intervall:").replace('"schedule"', '"schedul"')
+        broken.write_text(  # a misspelt key (Dependabot), a count that is no number (Renovate)
+            text.replace("interval:", "intervall:").replace(": 5,", ': "five",')
         )
         assert check_jsonschema(schema, [broken]).returncode != 0, f"{relative}: typo accepted"
