@@ -49,6 +49,7 @@ FINGERPRINT_EXCLUDES = (
     "deploy/",
     "scripts/deploy",
     "scripts/rollback",
+    "monitoring/",
 )
 FINGERPRINT_EXCLUDED_SUFFIXES = (".md", ".mdc")
 

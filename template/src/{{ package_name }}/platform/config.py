@@ -71,3 +71,9 @@ def load_settings(cls: type[PlatformSettings], **overrides: Any) -> PlatformSett
         return cls(_env_file=env_files, **{"features": features, **overrides})  # type: ignore[call-arg]
     except ValidationError as error:
         raise ConfigurationError(error) from None
+
+
+def export(name: str, value: str) -> None:
+    """Set `name` in this process's environment, inherited by the processes it starts: for a
+    library configured only that way (prometheus_client's multiprocess directory)."""
+    os.environ[name] = value

@@ -101,7 +101,10 @@ def flag(key: str) -> Any:
         raise ValueError(f"flag key {key!r} must be lowercase words joined by '-'")
 
     async def evaluate(request: Request) -> bool:
-        flags = state.get_resources(request).flags
-        return await flags.is_on(key, targeting_key(request))
+        resources = state.get_resources(request)
+        on = await resources.flags.is_on(key, targeting_key(request))
+        if resources.metrics is not None:
+            resources.metrics.flag_evaluated(key, on)
+        return on
 
     return Depends(evaluate)

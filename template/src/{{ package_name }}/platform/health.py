@@ -43,7 +43,10 @@ async def readyz(request: Request) -> JSONResponse:
     draining_since = state.draining_since(request.scope)
     if draining_since is not None:
         return draining(draining_since)
-    results = await state.get_resources(request).readiness.results()
+    resources = state.get_resources(request)
+    results = await resources.readiness.results()
+    if resources.metrics is not None:
+        resources.metrics.readiness_checked(results)
     failed = any(result["status"] != "pass" for result in results.values())
     body = {
         "status": "fail" if failed else "pass",

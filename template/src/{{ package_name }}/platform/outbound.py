@@ -18,6 +18,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from . import state
+from .metrics import Metrics
 from .problems import problem_for
 from .settings import PlatformSettings
 
@@ -55,10 +56,18 @@ def create_http_client(settings: PlatformSettings) -> httpx.AsyncClient:
 class Outbound:
     """Calls through the shared client under a deadline, retrying what is safe to retry."""
 
-    def __init__(self, client: httpx.AsyncClient, *, deadline: float, retries: int) -> None:
+    def __init__(
+        self,
+        client: httpx.AsyncClient,
+        *,
+        deadline: float,
+        retries: int,
+        metrics: Metrics | None = None,
+    ) -> None:
         self.client = client
         self.deadline = deadline
         self.retries = retries
+        self.metrics = metrics
 
     async def request(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
         method = method.upper()
@@ -66,10 +75,21 @@ class Outbound:
         host = httpx.URL(url).host
         try:
             async with asyncio.timeout(self.deadline):
-                return await self._attempt(method, url, attempts, host, **kwargs)
+                response = await self._attempt(method, url, attempts, host, **kwargs)
         except TimeoutError:
+            self._count(host, "timeout")
             log.warning("upstream deadline exceeded", host=host, method=method)
             raise UpstreamTimeout(f"{host} did not answer within {self.deadline} s") from None
+        except UpstreamError as error:
+            self._count(host, "timeout" if isinstance(error, UpstreamTimeout) else "error")
+            raise
+        self._count(host, f"{response.status_code // 100}xx")
+        return response
+
+    def _count(self, host: str, outcome: str) -> None:
+        """To metrics when they are on, by host: bounded by the upstreams your code calls."""
+        if self.metrics is not None:
+            self.metrics.outbound_call(host, outcome)
 
     async def _attempt(
         self, method: str, url: str, attempts: int, host: str, **kwargs: Any

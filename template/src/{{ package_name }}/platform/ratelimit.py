@@ -53,6 +53,7 @@ def rate_limit(limit: str, *, name: str) -> Any:
         decision = await resources.rate_limiter.hit_all([(name, item)], key)
         state.set_route_rate_limit(request.scope, decision)
         if not decision.allowed:
+            count_refusal(request.scope, decision, policy=name)
             # The headers of every policy are added on the way out by the middleware.
             status, detail, headers = refusal(decision, key, policy=name)
             raise HTTPException(status, detail, headers={"Retry-After": headers["Retry-After"]})
@@ -134,6 +135,13 @@ def refusal(decision: Decision, key: str, *, policy: str) -> tuple[int, str, dic
     )
 
 
+def count_refusal(scope: Scope, decision: Decision, *, policy: str) -> None:
+    """To metrics when they are on: a 429 by `policy` (not a 503 for a storage failure)."""
+    resources = state.resources(scope)
+    if resources is not None and resources.metrics is not None and not decision.storage_failed:
+        resources.metrics.rate_limited(policy)
+
+
 def _item(limit: str | RateLimitItem) -> RateLimitItem:
     return parse_limit(limit) if isinstance(limit, str) else limit
 
@@ -168,6 +176,7 @@ class RateLimitMiddleware:
         key = client_key(scope)
         decision = await limiter.hit_all([self.default], key)
         if not decision.allowed:
+            count_refusal(scope, decision, policy=DEFAULT_POLICY)
             status, detail, headers = refusal(decision, key, policy=DEFAULT_POLICY)
             await refuse(scope, receive, send, status, detail, headers=headers)
             return

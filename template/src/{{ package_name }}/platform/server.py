@@ -136,15 +136,32 @@ class Supervisor(multiprocess.Multiprocess):
     shared socket served) and drains with fewer log lines.
     """
 
-    def __init__(self, config: uvicorn.Config, sockets: list[socket.socket]) -> None:
+    def __init__(
+        self,
+        config: uvicorn.Config,
+        sockets: list[socket.socket],
+        on_worker_exit: Callable[[int], None] | None = None,
+    ) -> None:
         super().__init__(config, sockets)
         self.signals_to_forward: list[int] = []
+        self.on_worker_exit = on_worker_exit
+        self.worker_pids: set[int] = set()
 
     def init_processes(self) -> None:
         for _ in range(self.processes_num):
             process = WorkerProcess(self.config, self.sockets)
             process.start()
             self.processes.append(process)
+
+    def keep_subprocess_alive(self) -> None:
+        """uvicorn's restart of dead workers, then `on_worker_exit` for each one gone since
+        the last poll (died, or replaced by a SIGHUP restart)."""
+        super().keep_subprocess_alive()
+        pids = {p.pid for p in self.processes if p.pid is not None}
+        if self.on_worker_exit is not None:
+            for pid in self.worker_pids - pids:
+                self.on_worker_exit(pid)
+        self.worker_pids = pids
 
     def handle_term(self) -> None:
         self.begin_exit(signal.SIGTERM, super().handle_term)
@@ -209,8 +226,18 @@ def serve(settings: PlatformSettings, app: str) -> None:
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, after_uvicorn)
-    if config.workers > 1:
-        Supervisor(config, sockets=[config.bind_socket()]).run()
-    else:
-        server.run()
+    exporter = None
+    if settings.metrics_port is not None:  # before any worker starts: see metrics_exporter.py
+        from .metrics_exporter import MetricsExporter
+
+        exporter = MetricsExporter(settings)
+    try:
+        if config.workers > 1:
+            on_exit = exporter.worker_exited if exporter else None
+            Supervisor(config, sockets=[config.bind_socket()], on_worker_exit=on_exit).run()
+        else:
+            server.run()
+    finally:
+        if exporter is not None:
+            exporter.close()
     log.info("server exited", signal=server.received_signal)
