@@ -104,7 +104,7 @@ def flag(key: str) -> Any:
         resources = state.get_resources(request)
         on = await resources.flags.is_on(key, targeting_key(request))
         if resources.metrics is not None:
-            resources.metrics.flag_evaluated(key, on)
+            resources.metrics.add(resources.metrics.flag_evaluations, key, "on" if on else "off")
         return on
 
     return Depends(evaluate)

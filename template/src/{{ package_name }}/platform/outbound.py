@@ -89,7 +89,7 @@ class Outbound:
     def _count(self, host: str, outcome: str) -> None:
         """To metrics when they are on, by host: bounded by the upstreams your code calls."""
         if self.metrics is not None:
-            self.metrics.outbound_call(host, outcome)
+            self.metrics.add(self.metrics.outbound_calls, host, outcome)
 
     async def _attempt(
         self, method: str, url: str, attempts: int, host: str, **kwargs: Any

@@ -139,7 +139,7 @@ def count_refusal(scope: Scope, decision: Decision, *, policy: str) -> None:
     """To metrics when they are on: a 429 by `policy` (not a 503 for a storage failure)."""
     resources = state.resources(scope)
     if resources is not None and resources.metrics is not None and not decision.storage_failed:
-        resources.metrics.rate_limited(policy)
+        resources.metrics.add(resources.metrics.rate_limit_refusals, policy)
 
 
 def _item(limit: str | RateLimitItem) -> RateLimitItem:
