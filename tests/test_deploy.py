@@ -435,6 +435,17 @@ PLANTS: dict[str, tuple[str, Plant]] = {
         "network-policy",
         lambda o: find(o, "NetworkPolicy")["spec"]["ingress"][0].pop("from"),
     ),
+    "metrics open to the ingress controller": (
+        "network-policy",
+        lambda o: find(o, "NetworkPolicy")["spec"]["ingress"][1]["from"][0]["namespaceSelector"][
+            "matchLabels"
+        ].update({"kubernetes.io/metadata.name": "ingress-nginx"}),
+    ),
+    "no METRICS_PORT": ("metrics", lambda o: settings(o).pop("METRICS_PORT")),
+    "pods not annotated for scraping": (
+        "metrics",
+        lambda o: find(o, "Deployment")["spec"]["template"]["metadata"].pop("annotations"),
+    ),
     "egress to SMTP": (
         "network-policy",
         lambda o: egress_ports(o).append({"ports": [{"protocol": "TCP", "port": 25}]}),
