@@ -230,7 +230,11 @@ def serve(settings: PlatformSettings, app: str) -> None:
     if settings.metrics_port is not None:  # before any worker starts: see metrics_exporter.py
         from .metrics_exporter import MetricsExporter
 
-        exporter = MetricsExporter(settings)
+        try:
+            exporter = MetricsExporter(settings)
+        except OSError as error:  # as uvicorn does for PORT: say why, exit 1, no traceback
+            log.error("cannot listen for metrics", port=settings.metrics_port, error=str(error))
+            raise SystemExit(1) from None
     try:
         if config.workers > 1:
             on_exit = exporter.worker_exited if exporter else None
