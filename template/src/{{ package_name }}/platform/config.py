@@ -9,7 +9,8 @@ from typing import Any
 from dotenv import dotenv_values
 from pydantic import ValidationError
 
-from .settings import FEATURE_PREFIX, PlatformSettings
+from .setting_types import FEATURE_PREFIX
+from .settings import PlatformSettings
 
 
 class ConfigurationError(Exception):

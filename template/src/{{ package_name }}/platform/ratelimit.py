@@ -30,7 +30,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import state
 from .problems import refuse
-from .settings import parse_limit
+from .setting_types import parse_limit
 
 DEFAULT_POLICY = "default"
 
