@@ -32,11 +32,15 @@ def wait_until_listening(process: subprocess.Popen, port: int, timeout: float = 
 def running(
     python: Path, cwd: Path, env: dict[str, str], *, output: Path | None = None
 ) -> Iterator[tuple[str, subprocess.Popen]]:
-    """`python -m acme_orders serve` on a free port; yields (base URL, process)."""
+    """`python -m tests.serve serve` on a free port; yields (base URL, process).
+
+    That is the project's own command line and server (platform/cli.py, server.py) serving
+    the tests' app: the service plus tests/routes.py, which no build of the service has.
+    """
     port = free_port()
     sink = output.open("w") if output else subprocess.DEVNULL
     process = subprocess.Popen(
-        [str(python), "-m", "acme_orders", "serve"],
+        [str(python), "-m", "tests.serve", "serve"],
         cwd=cwd,
         env={**env, "PORT": str(port)},
         stdout=sink,

@@ -326,7 +326,12 @@ def test_image_entrypoint_as_pid1_drains_on_sigterm_and_healthcheck_works(
     ).stdout.strip()
     needed = [Path(base_prefix).resolve(), variant.path.resolve()]
     script = pid1_script(needed, tmp_path / "staging", uid, gid)
-    argv = stage.exec_form("ENTRYPOINT") + stage.exec_form("CMD")
+    # The image's ENTRYPOINT and CMD, the CMD's module swapped for tests/serve.py: the same
+    # command line, server and drain, serving the tests' app (the service plus the sleep
+    # route that puts requests in flight), which no build of the service contains.
+    cmd = stage.exec_form("CMD")
+    assert cmd[1:3] == ["-m", PACKAGE], cmd
+    argv = stage.exec_form("ENTRYPOINT") + [cmd[0], "-m", "tests.serve", *cmd[3:]]
     unshare = ["unshare", "--pid", "--fork", "--mount-proc", "--propagation", "private"]
     process = subprocess.Popen(
         [*unshare, "sh", "-c", script, "pid1", *argv],
@@ -346,7 +351,7 @@ def test_image_entrypoint_as_pid1_drains_on_sigterm_and_healthcheck_works(
         assert Path(f"/proc/{pid1}/exe").resolve().name == "tini"
         assert Path(f"/proc/{server}/cmdline").read_bytes().split(b"\0")[1:3] == [
             b"-m",
-            PACKAGE.encode(),
+            b"tests.serve",
         ]
         for status in (tini_status, server_status):
             assert status["Uid"] == [str(uid)] * 4, status  # real, effective, saved, fs
