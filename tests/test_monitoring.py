@@ -259,7 +259,7 @@ def test_prometheus_counts_every_request_of_both_workers(variant: Project, tmp_p
             found.update((expr, server.value(expr)) for expr in expected)
             return found == expected
 
-        assert until(counted), {e: (found[e], n) for e, n in expected.items() if found[e] != n}
+        assert until(counted, 60), {e: (found[e], n) for e, n in expected.items() if found[e] != n}
         # The rules loaded and evaluated, the dashboard's queries run, and every metric they
         # name exists on the real server.
         groups = httpx2.get(f"{server.base}/api/v1/rules", timeout=5).json()["data"]["groups"]
