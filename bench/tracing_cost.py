@@ -10,6 +10,7 @@ a warm-up are taken for each. Prints a table; figures, never verdicts.
 
 import argparse
 import statistics
+import sys
 import tempfile
 import threading
 import time
@@ -59,7 +60,7 @@ def main() -> None:
     }
     with tempfile.TemporaryDirectory(prefix="prodready-tracing-") as tmp:
         root = Path(tmp)
-        print("rendering and installing the default project", flush=True)
+        say("rendering and installing the default project")
         python = project.install(project.render(root))
         with database.temporary_database() as url:
             db_url = database.asyncpg_url(url)
@@ -108,7 +109,7 @@ def measure(servers: dict[str, Server], headers: dict[str, str], args: argparse.
                     )
                     table[name]["runs"].setdefault(endpoint, []).append(run)
                     servers[name].drain(path, headers)
-            print(f"round {round_ + 1}/{args.rounds} done", flush=True)
+            say(f"round {round_ + 1}/{args.rounds} done")
     finally:
         for server in servers.values():
             server.stop()
@@ -120,12 +121,12 @@ def url(server: Server, path: str) -> str:
 
 
 def print_table(table: dict, args: argparse.Namespace) -> None:
-    print(f"\n{args.rounds} rounds x {args.seconds} s, {args.connections} connections, medians")
-    print(
+    say(f"\n{args.rounds} rounds x {args.seconds} s, {args.connections} connections, medians")
+    say(
         "| tracing | /healthz req/s | /healthz p99 ms | notes req/s | notes p99 ms "
         "| boot s | idle RSS MB |"
     )
-    print("|---|---|---|---|---|---|---|")
+    say("|---|---|---|---|---|---|---|")
     for name, row in table.items():
         cells = [name]
         for endpoint in ENDPOINTS:
@@ -134,12 +135,17 @@ def print_table(table: dict, args: argparse.Namespace) -> None:
             cells.append(f"{statistics.median(r['p99_ms'] for r in runs):.1f}")
         cells.append(f"{statistics.median(row['boot']):.2f}")
         cells.append(f"{row['rss_mb']:.1f}")
-        print("| " + " | ".join(cells) + " |")
+        say("| " + " | ".join(cells) + " |")
     for name, row in table.items():
         for endpoint in ENDPOINTS:
             rates = [round(r["rps"]) for r in row["runs"][endpoint]]
             errors = sum(r["errors"] + r["non_2xx"] + r["timeouts"] for r in row["runs"][endpoint])
-            print(f"{name} {endpoint}: req/s per round {rates}, errors+non-2xx {errors}")
+            say(f"{name} {endpoint}: req/s per round {rates}, errors+non-2xx {errors}")
+
+
+def say(line: str) -> None:
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
 
 
 if __name__ == "__main__":

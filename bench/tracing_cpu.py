@@ -73,6 +73,7 @@ async def main() -> None:
     from acme_orders.platform.logs import configure_logging
     from acme_orders.platform.tracing import add_trace_ids
     from acme_orders.settings import load_settings
+
     from tests.credentials import TEST_AUTH_ENV, headers_for
 
     os.environ.update(TEST_AUTH_ENV)
@@ -89,7 +90,7 @@ async def main() -> None:
             "otel_traces_sampler_arg": 0.1,
         },
     }
-    out, sys.stdout = sys.stdout, open(os.devnull, "w")  # noqa: SIM115  (log lines)
+    out, sys.stdout = sys.stdout, Path(os.devnull).open("w")  # noqa: SIM115 (the log lines)
     settings = {name: load_settings(**overrides) for name, overrides in variants.items()}
     apps = {name: create_app(found) for name, found in settings.items()}
     headers = [(b"host", b"localhost")] + [
@@ -116,13 +117,18 @@ async def main() -> None:
                     await call(apps[name], states[name], path, headers)
                 spent = time.process_time() - started
                 results[name].setdefault(path, []).append(spent / BATCH * 1e6)
-    for name, context in contexts.items():
+    for context in contexts.values():
         await context.__aexit__(None, None, None)
     sys.stdout = out
-    print(f"CPU µs per request, medians of {BATCHES} batches of {BATCH}")
+    say(f"CPU µs per request, medians of {BATCHES} batches of {BATCH}")
     for name, paths in results.items():
         cells = [f"{path}: {statistics.median(values):.0f}" for path, values in paths.items()]
-        print(f"{name:10s} " + "  ".join(cells))
+        say(f"{name:10s} " + "  ".join(cells))
+
+
+def say(line: str) -> None:
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
 
 
 if __name__ == "__main__":
