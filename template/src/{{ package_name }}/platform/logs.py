@@ -15,7 +15,7 @@ import contextlib
 import logging
 import re
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from functools import lru_cache
 from typing import Any
 
@@ -96,10 +96,15 @@ _exception_as_dict = structlog.processors.ExceptionRenderer(
 )
 
 
-def configure_logging(*, level: str, json: bool) -> None:
-    """Route structlog and stdlib logging to one stdout handler. Safe to call again."""
+def configure_logging(*, level: str, json: bool, context: Sequence[Processor] = ()) -> None:
+    """Route structlog and stdlib logging to one stdout handler. Safe to call again.
+
+    `context`: processors that add to every line what the request's context knows, after
+    the request id (tracing.add_trace_ids).
+    """
     shared: list[Processor] = [
         structlog.contextvars.merge_contextvars,
+        *context,
         structlog.stdlib.add_log_level,
         structlog.stdlib.add_logger_name,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
