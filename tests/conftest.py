@@ -311,6 +311,7 @@ PHASES = (
     ("production rules", "test_rules.py"),
     ("benchmark smoke", "test_bench.py"),
     ("deploy manifests", "test_deploy.py"),
+    ("contract (Schemathesis)", "test_contract.py"),
     ("monitoring (Prometheus, promtool)", "test_monitoring.py"),
 )
 
