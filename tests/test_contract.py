@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import httpx2
 import pytest
 
 from .conftest import Project
@@ -78,8 +79,18 @@ def test_schemathesis_finds_no_contract_failure(variant: Project, tmp_path: Path
         migrated = migrate(variant, env)
         assert migrated.returncode == 0, migrated.stdout + migrated.stderr
     with running(variant.python, variant.path, env, output=tmp_path / "server.log") as (base, _):
+        document = httpx2.get(f"{base}/openapi.json", timeout=10).json()
+        if not document["paths"]:
+            # Without a database the service has no resource of its own (no notes): only the
+            # probes, which the document leaves out. Nothing to fuzz; the document is still
+            # the platform's, not FastAPI's defaults.
+            assert variant.rendered.answers["database"] == "none"
+            assert set(document["components"]["schemas"]) == {"Problem"}
+            return
         result = fuzz(variant, base, tmp_path)
+    summary = result.stdout[result.stdout.find("FAILURES") :][-6000:]
+    assert result.returncode == 0, summary + result.stderr[-2000:]
     generated = re.search(r"(\d+) generated", result.stdout)
-    print(f"schemathesis {variant.rendered.id}: {generated.group(0) if generated else '?'}")
-    assert result.returncode == 0, result.stdout[-8000:] + result.stderr[-2000:]
-    assert generated is not None and int(generated.group(1)) > 0, result.stdout[-2000:]
+    assert generated is not None, result.stdout[-2000:]
+    assert int(generated.group(1)) > 0
+    print(f"schemathesis {variant.rendered.id}: {generated.group(0)}, 0 failures")  # noqa: T201
