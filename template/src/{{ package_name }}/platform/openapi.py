@@ -78,7 +78,7 @@ def install(
 ) -> None:
     """Complete `app`'s document once, when it is first asked for.
 
-    `security_scheme`: how callers authenticate (None: they do not, a gateway does).
+    `security_scheme`: how callers authenticate (None: not by this service).
     `dependency_answers`: what a route using a platform dependency may also answer
     (a database session: 409 on a constraint; the outbound client: 502, 504).
     """
