@@ -291,6 +291,7 @@ _database_numbers = itertools.count()
 # --- summary -------------------------------------------------------------------------------
 
 _outcomes: Counter[tuple[str, str]] = Counter()
+_contract: list[str] = []  # Schemathesis figures per variant (test_contract.py)
 _phase_seconds: Counter[str] = Counter()
 _session_started = time.monotonic()
 _session_wall_start = time.time()
@@ -311,6 +312,7 @@ PHASES = (
     ("production rules", "test_rules.py"),
     ("benchmark smoke", "test_bench.py"),
     ("deploy manifests", "test_deploy.py"),
+    ("contract (Schemathesis)", "test_contract.py"),
     ("monitoring (Prometheus, promtool)", "test_monitoring.py"),
 )
 
@@ -321,6 +323,10 @@ def phase_of(nodeid: str) -> str:
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
     _phase_seconds[phase_of(report.nodeid)] += report.duration
+    if report.when == "call":
+        variant = report.nodeid.partition("[")[2].rstrip("]")
+        figures = [value for key, value in report.user_properties if key == "schemathesis"]
+        _contract.extend(f"{variant}: {value}" for value in figures)
     if report.when == "call" and report.passed:
         for stage in ("rendered", "tested", "booted"):
             if f"stage_{stage}" in report.keywords:
@@ -355,6 +361,8 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     for phase, seconds in _phase_seconds.most_common():
         write(f"    {phase:<34} {seconds:8.1f}")
     write(f"    {'of which uv sync, ' + str(len(installs)) + ' variants':<34} {sum(installs):8.1f}")
+    for figures in sorted(_contract):
+        write(f"  schemathesis {figures}")
     write("  rule: every combination of choice/yes-no answers is rendered and linted; combinations")
     write("  whose service files (all but answers, CI config, Markdown, assistant rules and the")
     write("  Kubernetes deploy files) are byte-identical are installed and booted once, on a")

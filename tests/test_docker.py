@@ -9,9 +9,11 @@ compose.yaml (and its staging override) must run that same entry point with a co
 valid configuration.
 """
 
+import hashlib
 import json
 import os
 import re
+import secrets
 import shlex
 import shutil
 import signal
@@ -462,17 +464,21 @@ def test_compose_runs_the_image_with_healthy_dependencies_and_valid_settings(
         migrate = services["migrate"]
         assert migrate["command"] == ["python", "-m", PACKAGE, "migrate"]
         assert migrate["environment"] == app["environment"]
-    assert set(staging["services"]) == {"app"}
-    assert staging["services"]["app"]["environment"]["ENVIRONMENT"] == "staging"
+    # Staging runs the release step and the app alike, on a database of its own.
+    assert set(staging["services"]) == expected - {"redis"}
+    staged = staging["services"]["app"]["environment"]
+    assert staged["ENVIRONMENT"] == "staging"
+    if "migrate" in expected:
+        assert staging["services"]["migrate"]["environment"] == staged
 
     # Both configurations are complete and valid for the settings (check-config touches no
-    # service); staging also passes the deploy rules with these local-only values.
+    # service). Staging refuses compose.yaml's throwaway credentials: its rehearsal takes
+    # the user's own, each a ${VARIABLE:?message} that compose refuses to leave unset.
     python = project / ".venv" / "bin" / "python"
     base = {"PATH": os.environ["PATH"], "HOME": str(tmp_path)}
-    for label, overrides in (("compose.yaml", {}), ("+ compose.staging.yaml", staging)):
-        environment = dict(app["environment"])
-        environment.update(overrides.get("services", {}).get("app", {}).get("environment", {}))
-        result = subprocess.run(
+
+    def check_config(environment: dict[str, object]) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
             [python, "-m", PACKAGE, "check-config"],
             cwd=tmp_path,  # no .env to fall back on
             env={**base, **{k: str(v) for k, v in environment.items()}},
@@ -480,4 +486,49 @@ def test_compose_runs_the_image_with_healthy_dependencies_and_valid_settings(
             text=True,
             timeout=60,
         )
-        assert result.returncode == 0, f"{label}:\n{result.stdout}{result.stderr}"
+
+    result = check_config(app["environment"])
+    assert result.returncode == 0, f"compose.yaml:\n{result.stdout}{result.stderr}"
+    key = secrets.token_hex(24)
+    own = {
+        "STAGING_DB_PASSWORD": secrets.token_hex(24),
+        "STAGING_API_KEYS": f"rehearsal:{hashlib.sha256(key.encode()).hexdigest()}:notes:write",
+    }
+    throwaway = {
+        "STAGING_DB_PASSWORD": "local-dev-only",  # compose.yaml's
+        "STAGING_API_KEYS": app["environment"].get("API_KEYS", ""),
+    }
+    asked = {name for value in staged.values() for name in REQUIRED_VARIABLE.findall(str(value))}
+    assert asked == {
+        name
+        for name, needed in (
+            ("STAGING_DB_PASSWORD", answers["database"] == "postgresql"),
+            ("STAGING_API_KEYS", answers["auth"] == "api_key"),
+        )
+        if needed
+    }
+    if "db" in expected:
+        assert staging["services"]["db"]["environment"]["POSTGRES_PASSWORD"].startswith(
+            "${STAGING_DB_PASSWORD:?"
+        )
+    result = check_config({**app["environment"], **interpolate(staged, own)})
+    assert result.returncode == 0, f"+ compose.staging.yaml:\n{result.stdout}{result.stderr}"
+    if asked:
+        result = check_config({**app["environment"], **interpolate(staged, throwaway)})
+        assert result.returncode == 78, result.stdout + result.stderr
+        for name in asked:
+            variable = name.removeprefix("STAGING_").replace("DB_PASSWORD", "DATABASE_URL")
+            assert f"\n  {variable}: " in result.stderr, result.stderr
+
+
+REQUIRED_VARIABLE = re.compile(r"\$\{(\w+):\?[^}]*\}")
+
+
+def interpolate(environment: dict[str, object], supplied: dict[str, str]) -> dict[str, str]:
+    """What compose would pass: each ${VARIABLE:?message} replaced by the user's value."""
+    found = {}
+    for name, value in environment.items():
+        text = REQUIRED_VARIABLE.sub(lambda match: supplied[match.group(1)], str(value))
+        assert "${" not in text, f"{name}: only ${{VARIABLE:?message}}, never a default"
+        found[name] = text
+    return found

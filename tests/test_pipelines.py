@@ -9,13 +9,16 @@ image is built once by the build job, tagged with the commit and pushed, with wr
 to packages on that job only; staging is deployed with `scripts/deploy` from the digest the
 build produced; a smoke test calls staging's /readyz; production needs the staging deploy
 and the smoke test, waits for a manual approval and deploys the same digest; rollback is
-`scripts/rollback`. With `deploy: none` the pipeline is the check alone, unchanged. Each
-checker is shown to fail, with the rule's name, on a planted violation.
+`scripts/rollback`. With `deploy: none` the pipeline is the check and the audit alone, the
+check unchanged. The audit, a job of its own, runs pip-audit on `uv export` of the lock
+(checked for shape only: it needs the network). Each checker is shown to fail, with the
+rule's name, on a planted violation.
 """
 
 import copy
 import hashlib
 import re
+import shlex
 import subprocess
 import sys
 from collections.abc import Callable
@@ -35,6 +38,7 @@ GITLAB_SCHEMA = "vendor.gitlab-ci"
 PINNED_USES = re.compile(r"^\s*(?:- )?uses: [\w.-]+/[\w./-]+@[0-9a-f]{40}  # v\d+\.\d+\.\d+\s*$")
 ON_MAIN = "github.event_name == 'push' && github.ref == 'refs/heads/main'"
 DEFAULT_BRANCH = "$CI_COMMIT_BRANCH == $CI_DEFAULT_BRANCH"
+CHECK_JOBS = {"check", "audit"}  # every pipeline's; the release jobs come on top
 WORKFLOW = re.compile(r"\.github/workflows/[^/]+\.ya?ml")
 PUSH_BY_COMMIT = 'docker push "$CI_REGISTRY_IMAGE:$CI_COMMIT_SHA"'
 CHECKOUT = re.compile(
@@ -295,7 +299,7 @@ def test_the_github_release_is_shaped_as_promised() -> None:
             ]  # `on:` is YAML 1.1's True
             continue
         if not item.deploys:
-            assert set(data["jobs"]) == {"check"}, item.renders[0]
+            assert set(data["jobs"]) == CHECK_JOBS, item.renders[0]
             continue
         problems = github_release_problems(data, item.text)
         assert not problems, f"{item.renders[0]}:\n" + "\n".join(problems)
@@ -423,7 +427,8 @@ def gitlab_release_problems(pipeline: dict[str, Any]) -> list[str]:
     if [s for s in stages if s in order] != list(dict.fromkeys(order)):
         problems.append("stages run check, build, staging, production in that order")
     for name, job in jobs.items():
-        if name != "check" and (job.get("rules") or [{}])[0].get("if") != DEFAULT_BRANCH:
+        checks = name in CHECK_JOBS and job.get("stage") == "check"
+        if not checks and (job.get("rules") or [{}])[0].get("if") != DEFAULT_BRANCH:
             problems.append(f"release jobs run on the default branch only: {name}")
     if len(deployers) != 2:
         return problems
@@ -455,7 +460,7 @@ def test_the_gitlab_release_is_shaped_as_promised() -> None:
         data = item.data
         if not item.deploys:
             assert data["stages"] == ["check"], item.renders[0]
-            assert list(gitlab_jobs(data)) == ["check"], item.renders[0]
+            assert set(gitlab_jobs(data)) == CHECK_JOBS, item.renders[0]
             continue
         problems = gitlab_release_problems(data)
         assert not problems, f"{item.renders[0]}:\n" + "\n".join(problems)
@@ -531,3 +536,98 @@ def test_dependency_update_configs_validate_and_follow_the_ci_answer(tmp_path: P
             text.replace("interval:", "intervall:").replace(": 5,", ': "five",')
         )
         assert check_jsonschema(schema, [broken]).returncode != 0, f"{relative}: typo accepted"
+
+
+# --- the vulnerability audit -------------------------------------------------------------------
+# pip-audit needs its advisory services, which this machine cannot reach: the suite checks the
+# job's shape and never runs it (nor may scripts/check: a check that needs the network).
+
+PINNED_PIP_AUDIT = re.compile(r"uvx pip-audit==\d+\.\d+\.\d+(?P<args>[^\n]*)")
+EXPORT = re.compile(r"uv export(?P<args>[^\n]*)")
+
+
+def options(arguments: str) -> dict[str, str | None]:
+    """`--name value`, `--name=value` and bare `--flag` options, by name (comments dropped)."""
+    found: dict[str, str | None] = {}
+    tokens = shlex.split(arguments, comments=True)
+    for index, token in enumerate(tokens):
+        if not token.startswith("-"):
+            continue
+        name, equals, value = token.partition("=")
+        following = tokens[index + 1] if index + 1 < len(tokens) else None
+        found[name] = (
+            value if equals else (following if following and following[0] != "-" else None)
+        )
+    return found
+
+
+def audit_problems(commands: str) -> list[str]:
+    """What keeps `commands` (a job's shell, continuations joined) from auditing the lock."""
+    text = commands.replace("\\\n", " ")
+    export, audit = EXPORT.search(text), PINNED_PIP_AUDIT.search(text)
+    if export is None:
+        return ["export: no `uv export` of the lock"]
+    if audit is None:
+        return ["audit: no `uvx pip-audit==X.Y.Z` (pinned)"]
+    problems = []
+    exported, audited = options(export["args"]), options(audit["args"])
+    if "--locked" not in exported and "--frozen" not in exported:
+        problems.append("export: not the lock as committed (--locked or --frozen)")
+    if exported.get("--format") != "requirements-txt":
+        problems.append("export: not --format requirements-txt")
+    if "--no-emit-project" not in exported:
+        problems.append("export: the project itself is not a locked dependency")
+    if "--no-hashes" in exported or "--require-hashes" not in audited:
+        problems.append("audit: the hashes of the lock are not required")
+    if "--disable-pip" not in audited:
+        problems.append("audit: pip would resolve again instead of auditing the lock")
+    requirements = exported.get("--output-file") or exported.get("-o")
+    if not requirements or (audited.get("--requirement") or audited.get("-r")) != requirements:
+        problems.append("audit: does not read the exported file")
+    if export.start() > audit.start():
+        problems.append("audit: runs before the export")
+    return problems
+
+
+def audit_commands() -> list[tuple[str, str]]:
+    """(pipeline file, the audit job's commands) for every distinct CI file."""
+    found = []
+    for item in github_files():
+        if item.relative.endswith("ci.yml"):
+            jobs = item.data["jobs"]
+            assert "pip-audit" not in steps_text(jobs["check"]), "a job of its own"
+            found.append((item.digest, steps_text(jobs["audit"])))
+    for item in gitlab_files():
+        assert "pip-audit" not in script(item.data["check"]), "a job of its own"
+        found.append((item.digest, script(item.data["audit"])))
+    return found
+
+
+def test_the_pipeline_audits_the_locked_dependencies_in_a_job_of_its_own() -> None:
+    commands = audit_commands()
+    assert len(commands) == len([f for f in distinct_pipelines() if "rollback" not in f.relative])
+    for digest, text in commands:
+        assert audit_problems(text) == [], (digest, text)
+    for rendered in plan().renders:  # it needs the network: never in what `scripts/check` runs
+        for relative in ("scripts/check", ".pre-commit-config.yaml"):
+            assert "pip-audit" not in (rendered.path / relative).read_text(), relative
+
+
+AUDIT_PLANTS: dict[str, Callable[[str], str]] = {
+    "export: no": lambda text: text.replace("uv export", "uv pip freeze"),
+    "audit: no": lambda text: re.sub(r"pip-audit==[\d.]+", "pip-audit", text),
+    "export: not the lock": lambda text: text.replace("--locked", ""),
+    "export: not --format": lambda text: text.replace("requirements-txt", "pylock.toml"),
+    "export: the project": lambda text: text.replace("--no-emit-project", ""),
+    "audit: the hashes": lambda text: text.replace("--require-hashes", ""),
+    "audit: pip would": lambda text: text.replace("--disable-pip", ""),
+    "audit: does not read": lambda text: text.replace("--requirement ", "--requirement other-"),
+}
+
+
+def test_the_audit_check_finds_planted_violations() -> None:
+    for digest, text in audit_commands():
+        for rule, plant in AUDIT_PLANTS.items():
+            planted = plant(text)
+            assert planted != text, (rule, digest)
+            assert any(p.startswith(rule) for p in audit_problems(planted)), (rule, digest)

@@ -153,3 +153,10 @@ async def upstream_error_handler(request: Request, exc: Exception) -> JSONRespon
 
 
 EXCEPTION_HANDLERS = {UpstreamError: upstream_error_handler}
+# What a route that calls out may also answer, for the OpenAPI document (openapi.py).
+ANSWERS = {
+    _outbound: {
+        UpstreamError.status: "An upstream service failed.",
+        UpstreamTimeout.status: "An upstream service did not answer in time.",
+    }
+}

@@ -10,9 +10,11 @@ from typing import Any
 
 import structlog
 from fastapi.exceptions import RequestValidationError
+from fastapi.routing import iter_route_contexts
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import state
@@ -84,7 +86,21 @@ async def http_exception_handler(request: Request, exc: Exception) -> JSONRespon
     assert isinstance(exc, HTTPException)
     phrase = HTTPStatus(exc.status_code).phrase
     detail = exc.detail if isinstance(exc.detail, str) and exc.detail != phrase else None
-    return problem_for(request, exc.status_code, detail, headers=exc.headers)
+    headers = exc.headers
+    if exc.status_code == 405:
+        headers = {**(headers or {}), "Allow": ", ".join(allowed_methods(request))}
+    return problem_for(request, exc.status_code, detail, headers=headers)
+
+
+def allowed_methods(request: Request) -> list[str]:
+    """Every method some route serves at this path. The router's 405 names only the first
+    route's, though GET, PATCH and DELETE on /notes/{id} are three routes."""
+    methods: set[str] = set()
+    for route in iter_route_contexts(getattr(request.scope.get("app"), "routes", [])):
+        match, _ = route.matches(request.scope)
+        if match is not Match.NONE:
+            methods |= route.methods or set()
+    return sorted(methods)
 
 
 async def validation_exception_handler(request: Request, exc: Exception) -> JSONResponse:

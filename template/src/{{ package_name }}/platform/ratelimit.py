@@ -8,9 +8,11 @@ stricter limit of its own with `dependencies=[rate_limit("10/minute", name=...)]
 health probes are exempt. Answers carry the IETF RateLimit-Policy / RateLimit
 headers (draft-ietf-httpapi-ratelimit-headers), a 429 also Retry-After.
 
-The client is the authenticated principal when there is one, else the client
-address, which uvicorn has already taken from X-Forwarded-For when, and only
-when, the connection came from a proxy listed in FORWARDED_ALLOW_IPS.
+The client is the authenticated principal on a route that needs one, else the
+client address, which uvicorn has already taken from X-Forwarded-For when, and
+only when, the connection came from a proxy listed in FORWARDED_ALLOW_IPS. An
+unknown path or a public route is counted per address whatever the credentials:
+the RateLimit header (or a 429) must not tell valid credentials from invalid ones.
 """
 
 import math
@@ -29,6 +31,7 @@ from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import state
+from .endpoints import needs_principal
 from .problems import refuse
 from .setting_types import parse_limit
 
@@ -153,7 +156,7 @@ def memory_storage() -> Storage:
 
 def client_key(scope: Scope) -> str:
     principal = state.principal(scope)
-    if principal is not None and principal.identifies_caller:
+    if principal is not None and principal.identifies_caller and needs_principal(scope):
         return f"principal:{principal.subject}"
     client = scope.get("client")
     return f"client:{client[0] if client else 'unknown'}"
