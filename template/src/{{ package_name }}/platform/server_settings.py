@@ -1,4 +1,4 @@
-"""The server's limits on clients: how big, how slow and how many (enforced by http_limits.py and concurrency.py).
+"""The server's limits on clients: how big, how slow, how many (http_limits.py, concurrency.py).
 
 A mixin of PlatformSettings, kept apart so the settings module stays readable.
 Defaults are safe for a service on the internet or behind a load balancer.
