@@ -4,6 +4,7 @@
 Each case is what a careless or hostile client does; each fails without its guard.
 """
 
+import contextlib
 import http.client
 import json
 import resource
@@ -26,13 +27,13 @@ from .credentials import headers_for
 LIMITS = {
     "MAX_HEADER_BYTES": "8192",
     "MAX_HEADER_COUNT": "20",
-    "HEADER_TIMEOUT": "1",
-    "BODY_IDLE_TIMEOUT": "1",
+    "HEADER_TIMEOUT": "0.5",
+    "BODY_IDLE_TIMEOUT": "0.5",
     "KEEP_ALIVE_TIMEOUT": "1",
     "MAX_CONCURRENCY": "2",
     "RATE_LIMIT_ENABLED": "false",
 }
-CLOSED_WITHIN = 3.0  # seconds, for timeouts of 1 s: a loaded machine fires timers late
+CLOSED_WITHIN = 3.0  # seconds, for timeouts of 0.5-1 s: a loaded machine fires timers late
 AUTHORIZATION = "".join(f"{name}: {value}\r\n" for name, value in headers_for("alice").items())
 MB = 1024 * 1024
 
@@ -54,7 +55,7 @@ def serve(
     extra: dict[str, str] | None = None, preexec_fn: Callable[[], None] | None = None
 ) -> Iterator[Server]:
     port = free_port()
-    env = service_env(PORT=str(port), **LIMITS, **(extra or {}))
+    env = service_env(PORT=str(port), **{**LIMITS, **(extra or {})})
     process = start_service(env, "serve", preexec_fn=preexec_fn)
     try:
         wait_for_port(process, port)
@@ -77,10 +78,8 @@ def request_head(path: str = "/healthz", extra: str = "") -> bytes:
 
 def send_and_read(server: Server, data: bytes) -> tuple[http.client.HTTPResponse, bytes]:
     with server.connect() as sock:
-        try:
+        with contextlib.suppress(OSError):  # refused mid-send: the answer is on its way
             sock.sendall(data)
-        except OSError:  # refused mid-send: the answer is already on its way
-            pass
         response = http.client.HTTPResponse(sock)
         response.begin()
         return response, response.read()
@@ -113,6 +112,21 @@ def test_a_request_head_over_the_limits_gets_431(server: Server, data: bytes, st
         assert response.headers["Connection"] == "close"
         assert json.loads(body)["status"] == 431
     healthz_within_a_second(server)
+
+
+def test_a_client_that_sends_a_whole_huge_head_before_reading_still_reads_the_431(
+    server: Server,
+) -> None:
+    """http.client writes all 16 MB, then reads: the server drops the excess after answering,
+    instead of resetting the connection under the unread answer."""
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+    try:
+        connection.request("GET", "/healthz", headers={"X-Big": "a" * (16 * MB)})
+        response = connection.getresponse()
+        assert response.status == 431
+        assert json.loads(response.read())["status"] == 431
+    finally:
+        connection.close()
 
 
 def rss_bytes(pid: int) -> int:
@@ -213,7 +227,9 @@ SLOW = [
 ]
 
 
-@pytest.mark.parametrize(("start", "every", "answer"), [c[1:] for c in SLOW], ids=[c[0] for c in SLOW])
+@pytest.mark.parametrize(
+    ("start", "every", "answer"), [c[1:] for c in SLOW], ids=[c[0] for c in SLOW]
+)
 def test_slow_and_idle_clients_are_disconnected(
     server: Server,
     start: Callable[[socket.socket], None] | None,
@@ -253,29 +269,21 @@ def test_past_max_concurrency_requests_get_503_and_the_probes_still_pass(server:
 
 
 def is_open(sock: socket.socket) -> bool:
+    sock.setblocking(False)
     try:
-        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) != b""
+        return sock.recv(1, socket.MSG_PEEK) != b""
     except BlockingIOError:
         return True
     except ConnectionResetError:
         return False
 
 
-# (name, the server's open-file limit (soft, hard), whether every connection stays open)
-OPEN_FILES = [
-    ("soft limit 128, raised to the hard 4096", (128, 4096), True),
-    ("hard limit 256: the idlest connections are closed", (256, 256), False),
-]
+def test_500_silent_connections_never_lock_the_probes_out() -> None:
+    """Open files 128, of a hard limit of 256: raised to 256 at start, three quarters of it
+    for connections (192); past that the connection idle the longest is closed."""
 
-
-@pytest.mark.parametrize(
-    ("open_files", "all_kept"), [c[1:] for c in OPEN_FILES], ids=[c[0] for c in OPEN_FILES]
-)
-def test_500_silent_connections_never_lock_the_probes_out(
-    open_files: tuple[int, int], all_kept: bool
-) -> None:
     def limit_open_files() -> None:
-        resource.setrlimit(resource.RLIMIT_NOFILE, open_files)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (128, 256))
 
     servers = serve({"HEADER_TIMEOUT": "60"}, preexec_fn=limit_open_files)
     server = next(servers)
@@ -284,28 +292,25 @@ def test_500_silent_connections_never_lock_the_probes_out(
         healthz_within_a_second(server)  # accepted after all 500
         time.sleep(0.2)
         still_open = sum(is_open(sock) for sock in sockets)
-        assert (still_open == len(sockets)) is all_kept, f"{still_open} of 500 still open"
+        assert 128 < still_open < 500, f"{still_open} of 500 still open"
     finally:
         for sock in sockets:
             sock.close()
         next(servers, None)
 
 
-# (environment, the message that names the variable)
-INVALID = [
-    ({"MAX_HEADER_BYTES": "1000"}, "MAX_HEADER_BYTES: Input should be greater than or equal to 4096"),
-    ({"HEADER_TIMEOUT": "0"}, "HEADER_TIMEOUT: Input should be greater than 0"),
-    (
-        {"MAX_CONNECTIONS": "100", "MAX_CONCURRENCY": "200"},
-        "MAX_CONCURRENCY: must not exceed MAX_CONNECTIONS (100)",
-    ),
-]
-
-
-@pytest.mark.parametrize(("env", "message"), INVALID, ids=[m.split(":")[0] for _, m in INVALID])
-def test_invalid_limits_stop_the_start_by_name(
-    tmp_path: Path, env: dict[str, str], message: str
-) -> None:
-    result = run_entrypoint(service_env(**env), tmp_path, "check-config")
+def test_invalid_limits_stop_the_start_each_by_name(tmp_path: Path) -> None:
+    invalid = {
+        "MAX_HEADER_BYTES": "1000",
+        "HEADER_TIMEOUT": "0",
+        "MAX_CONNECTIONS": "100",
+        "MAX_CONCURRENCY": "200",
+    }
+    result = run_entrypoint(service_env(**invalid), tmp_path, "check-config")
     assert result.returncode == 78, result.stderr
-    assert message in result.stderr
+    for message in (
+        "MAX_HEADER_BYTES: Input should be greater than or equal to 4096",
+        "HEADER_TIMEOUT: Input should be greater than 0",
+        "MAX_CONCURRENCY: must not exceed MAX_CONNECTIONS (100)",
+    ):
+        assert message in result.stderr
