@@ -51,12 +51,19 @@ class ConnectionLimits:
     def from_settings(cls, settings: ServerLimitSettings, open_files: int) -> "ConnectionLimits":
         """MAX_CONNECTIONS, lowered to three quarters of the open-file limit when that is
         lower: the rest stays for pools, log files and the listening socket."""
+        max_connections = min(settings.max_connections, open_files * 3 // 4)
+        if max_connections < settings.max_connections:
+            log.warning(
+                "MAX_CONNECTIONS lowered to fit the open-file limit",
+                max_connections=max_connections,
+                open_files=open_files,
+            )
         return cls(
             max_header_bytes=settings.max_header_bytes,
             max_header_count=settings.max_header_count,
             header_timeout=settings.header_timeout,
             body_idle_timeout=settings.body_idle_timeout,
-            max_connections=min(settings.max_connections, open_files * 3 // 4),
+            max_connections=max_connections,
         )
 
 
@@ -206,6 +213,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
 
     def _close_longest_idle(self) -> None:
         victim = next(iter(self.idle))  # this new connection itself when no other is idle
+        del self.idle[victim]  # closing takes a turn of the loop: never pick it twice
         victim.transport.close()
         now = self.loop.time()
         if now - LimitedHttpToolsProtocol.warned_at >= WARN_EVERY_SECONDS:
