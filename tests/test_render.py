@@ -250,7 +250,15 @@ def test_the_tree_shows_the_service_apart_from_the_platform(rendered: Rendered) 
 
 # The bottom layer: settings and tables, and the types they need. models.py and Alembic's
 # env.py load these and nothing above them.
-FOUNDATION = {"principal", "settings", "deploy_rules", "config", "tables", "api_keys"}
+FOUNDATION = {
+    "principal",
+    "settings",
+    "server_settings",
+    "deploy_rules",
+    "config",
+    "tables",
+    "api_keys",
+}
 STATE_ACCESS = re.compile(
     r"""request\.state\b|scope\.get\("state"|scope\[\s*"state"|"state",\s*\{"""
 )

@@ -12,7 +12,7 @@ from pydantic_settings import BaseSettings
 class ServerLimitSettings(BaseSettings):
     """Per worker process; `.env.example` documents each."""
 
-    # The request line and headers together, in bytes: room for a few KB of JWT and cookies.
+    # The request line and headers together, in bytes: room for a few KB of tokens and cookies.
     max_header_bytes: int = Field(default=32_768, ge=4096, le=1_048_576)
     max_header_count: int = Field(default=100, ge=16, le=10_000)
     # Seconds from a connection's start, or a request's first byte, to the end of its headers.
