@@ -1,4 +1,4 @@
-"""Run uvicorn the production way: uvloop, httptools, a drain the load balancer sees.
+"""Run uvicorn the production way: uvloop, httptools with http_limits.py, a drain the LB sees.
 
 On SIGTERM (or SIGINT) the server first keeps accepting and serving for
 DRAIN_DELAY seconds while /readyz answers 503 "draining": an orchestrator
