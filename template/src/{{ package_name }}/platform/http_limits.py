@@ -80,7 +80,7 @@ def raise_open_files_limit() -> int:
 
 
 class HeadTooLarge(Exception):
-    """Raised from a parser callback: it stops httptools mid-head."""
+    """Raised from a parser callback: it stops httptools."""
 
 
 class LimitedHttpToolsProtocol(HttpToolsProtocol):
@@ -96,7 +96,6 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self.idle: dict[LimitedHttpToolsProtocol, None] = server_state.idle_connections
         self.reading_head = True
         self.head_bytes = 0
-        self.head_count = 0
         self.refused = False
         self.deadline: asyncio.TimerHandle | None = None
 
@@ -120,12 +119,14 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         else:
             self._disarm()  # the body moved: its idle clock starts again
             super().data_received(data)
+        if self.deadline is not None or (self.reading_head and not self.head_bytes):
+            return  # a deadline runs already, or nothing is pending: the usual case
         if self.refused or self.transport.is_closing() or self.transport.get_protocol() is not self:
             return  # refused, closed or upgraded to a WebSocket
-        if self.deadline is None and not self.reading_head:
-            self._arm(self.limits.body_idle_timeout, self._body_timed_out)
-        elif self.deadline is None and self.head_bytes:  # a head begun, not finished
+        if self.reading_head:  # a head begun, not finished
             self._arm(self.limits.header_timeout, self._head_timed_out)
+        else:
+            self._arm(self.limits.body_idle_timeout, self._body_timed_out)
 
     def _feed_head(self, data: bytes) -> None:
         room = self.limits.max_header_bytes - self.head_bytes
@@ -142,30 +143,30 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         else:  # the head ended within the limit: the rest is body, or the next request
             self.data_received(data[room:])
 
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self.head_count += 1
-        if self.head_count > self.limits.max_header_count:
-            raise HeadTooLarge
-        super().on_header(name, value)
-
     def send_400_response(self, msg: str) -> None:
         """uvicorn's answer to a parser error, which HeadTooLarge also is."""
-        if self.head_count > self.limits.max_header_count:
+        if len(self.headers) > self.limits.max_header_count:
             count = self.limits.max_header_count
             self._refuse(431, f"The request has more than {count} header fields.")
         else:
             super().send_400_response(msg)
 
     def on_headers_complete(self) -> None:
+        # Counted once the head is in: its bytes are bounded already, and a count per
+        # header would cost every request a call per header.
+        if len(self.headers) > self.limits.max_header_count:
+            raise HeadTooLarge  # stops the parser; uvicorn then calls send_400_response
         self.reading_head = False
         self.idle.pop(self, None)
-        self._disarm()
+        if self.deadline is not None:
+            self._disarm()
         super().on_headers_complete()
 
     def on_message_complete(self) -> None:
         super().on_message_complete()
-        self._disarm()
-        self.reading_head, self.head_bytes, self.head_count = True, 0, 0
+        if self.deadline is not None:
+            self._disarm()
+        self.reading_head, self.head_bytes = True, 0
 
     def on_response_complete(self) -> None:
         pipelined = bool(self.pipeline)
