@@ -251,10 +251,10 @@ def test_past_max_concurrency_requests_get_503_and_the_probes_still_pass(server:
     sleep = f"{server.base}/_test/sleep"
     with ThreadPoolExecutor(2) as pool:
         holders = [
-            pool.submit(httpx.get, sleep, params={"seconds": 3}, headers=auth, timeout=10)
+            pool.submit(httpx.get, sleep, params={"seconds": 4}, headers=auth, timeout=10)
             for _ in range(2)
         ]
-        deadline = time.monotonic() + 2.5
+        deadline = time.monotonic() + 3.5  # the two hold their slots for 4 s
         while (busy := httpx.get(sleep, params={"seconds": 0}, headers=auth)).status_code != 503:
             assert time.monotonic() < deadline, "two requests in flight, and a third still served"
             time.sleep(0.05)
