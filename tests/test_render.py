@@ -255,6 +255,7 @@ FOUNDATION = {
     "settings",
     "setting_types",
     "tracing_settings",
+    "server_settings",
     "deploy_rules",
     "config",
     "tables",

@@ -1,4 +1,4 @@
-"""Run uvicorn the production way: uvloop, httptools, a drain the load balancer sees.
+"""Run uvicorn the production way: uvloop, httptools with http_limits.py, a drain the LB sees.
 
 On SIGTERM (or SIGINT) the server first keeps accepting and serving for
 DRAIN_DELAY seconds while /readyz answers 503 "draining": an orchestrator
@@ -30,6 +30,7 @@ import structlog
 import uvicorn
 from uvicorn.supervisors import multiprocess
 
+from .http_limits import ConnectionLimits, LimitedHttpToolsProtocol, raise_open_files_limit
 from .settings import PlatformSettings
 from .state import DRAINING_SINCE
 
@@ -39,11 +40,14 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 class Config(uvicorn.Config):
-    """uvicorn's Config plus the drain delay; pickled into every worker with the rest."""
+    """uvicorn's Config plus the drain delay and connection limits, pickled into every worker."""
 
-    def __init__(self, app: str, *, drain_delay: float = 0.0, **kwargs: Any) -> None:
+    def __init__(
+        self, app: str, *, drain_delay: float, connection_limits: ConnectionLimits, **kwargs: Any
+    ) -> None:
         super().__init__(app, **kwargs)
         self.drain_delay = drain_delay
+        self.connection_limits = connection_limits
 
 
 class Server(uvicorn.Server):
@@ -201,12 +205,14 @@ def serve(settings: PlatformSettings, app: str) -> None:
     config = Config(
         app,
         drain_delay=settings.drain_seconds,
+        connection_limits=ConnectionLimits.from_settings(settings, raise_open_files_limit()),
         factory=True,
         host=settings.host,
         port=settings.port,
         workers=settings.workers,
         loop="uvloop",
-        http="httptools",
+        http=LimitedHttpToolsProtocol,
+        timeout_keep_alive=settings.keep_alive_timeout,
         lifespan="on",
         log_config=None,  # logging is configured by logs.py, in this process and each worker
         access_log=False,  # AccessLogMiddleware writes the access line
