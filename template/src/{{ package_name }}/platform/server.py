@@ -234,13 +234,9 @@ def serve(settings: PlatformSettings, app: str) -> None:
         signal.signal(sig, after_uvicorn)
     exporter = None
     if settings.metrics_port is not None:  # before any worker starts: see metrics_exporter.py
-        from .metrics_exporter import MetricsExporter
+        from .metrics_exporter import start_exporter
 
-        try:
-            exporter = MetricsExporter(settings)
-        except OSError as error:  # as uvicorn does for PORT: say why, exit 1, no traceback
-            log.error("cannot listen for metrics", port=settings.metrics_port, error=str(error))
-            raise SystemExit(1) from None
+        exporter = start_exporter(settings)
     try:
         if config.workers > 1:
             on_exit = exporter.worker_exited if exporter else None
