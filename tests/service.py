@@ -30,17 +30,24 @@ def wait_until_listening(process: subprocess.Popen, port: int, timeout: float = 
 
 @contextlib.contextmanager
 def running(
-    python: Path, cwd: Path, env: dict[str, str], *, output: Path | None = None
+    python: Path,
+    cwd: Path,
+    env: dict[str, str],
+    *,
+    output: Path | None = None,
+    module: str = "tests.serve",
 ) -> Iterator[tuple[str, subprocess.Popen]]:
-    """`python -m tests.serve serve` on a free port; yields (base URL, process).
+    """`python -m MODULE serve` on a free port; yields (base URL, process).
 
-    That is the project's own command line and server (platform/cli.py, server.py) serving
-    the tests' app: the service plus tests/routes.py, which no build of the service has.
+    By default that is tests/serve.py: the project's own command line and server
+    (platform/cli.py, server.py) serving the tests' app, the service plus tests/routes.py,
+    which no build of the service has and which serves ENVIRONMENT=test only. `module=
+    "acme_orders"` runs the service itself, in any environment.
     """
     port = free_port()
     sink = output.open("w") if output else subprocess.DEVNULL
     process = subprocess.Popen(
-        [str(python), "-m", "tests.serve", "serve"],
+        [str(python), "-m", module, "serve"],
         cwd=cwd,
         env={**env, "PORT": str(port)},
         stdout=sink,

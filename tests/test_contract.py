@@ -81,7 +81,10 @@ def test_schemathesis_finds_no_contract_failure(
     if "DATABASE_URL" in env:
         migrated = migrate(variant, env)
         assert migrated.returncode == 0, migrated.stdout + migrated.stderr
-    with running(variant.python, variant.path, env, output=tmp_path / "server.log") as (base, _):
+    served = running(
+        variant.python, variant.path, env, output=tmp_path / "server.log", module="acme_orders"
+    )
+    with served as (base, _):
         document = httpx2.get(f"{base}/openapi.json", timeout=10).json()
         if not document["paths"]:
             # Without a database the service has no resource of its own (no notes): only the

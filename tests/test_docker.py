@@ -333,7 +333,7 @@ def test_image_entrypoint_as_pid1_drains_on_sigterm_and_healthcheck_works(
     # route that puts requests in flight), which no build of the service contains.
     cmd = stage.exec_form("CMD")
     assert cmd[1:3] == ["-m", PACKAGE], cmd
-    argv = stage.exec_form("ENTRYPOINT") + [cmd[0], "-m", "tests.serve", *cmd[3:]]
+    argv = [*stage.exec_form("ENTRYPOINT"), cmd[0], "-m", "tests.serve", *cmd[3:]]
     unshare = ["unshare", "--pid", "--fork", "--mount-proc", "--propagation", "private"]
     process = subprocess.Popen(
         [*unshare, "sh", "-c", script, "pid1", *argv],
