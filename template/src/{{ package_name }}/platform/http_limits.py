@@ -220,7 +220,8 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         if now - LimitedHttpToolsProtocol.warned_at >= WARN_EVERY_SECONDS:
             LimitedHttpToolsProtocol.warned_at = now
             log.warning(
-                "connection limit reached: closing the connection idle the longest",
+                "connection limit reached",
+                action="closed the connection idle the longest",
                 max_connections=self.limits.max_connections,
             )
 
