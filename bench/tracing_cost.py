@@ -12,32 +12,14 @@ import argparse
 import statistics
 import sys
 import tempfile
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from . import database, project
 from .load import run_wrk
+from .otlp_sink import start_receiver, tracing_setups
 from .plan import ENDPOINTS, OWNER
 from .servers import Server, free_port
-
-
-class Receiver(BaseHTTPRequestHandler):
-    """Reads each export and answers 200 with an empty ExportTraceServiceResponse."""
-
-    protocol_version = "HTTP/1.1"
-    spans_bytes = 0
-
-    def do_POST(self) -> None:
-        Receiver.spans_bytes += len(self.rfile.read(int(self.headers["Content-Length"])))
-        self.send_response(200)
-        self.send_header("Content-Type", "application/x-protobuf")
-        self.send_header("Content-Length", "0")
-        self.end_headers()
-
-    def log_message(self, *_args: object) -> None:
-        pass
 
 
 def main() -> None:
@@ -46,18 +28,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--connections", type=int, default=64)
     args = parser.parse_args()
-    receiver = ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
-    threading.Thread(target=receiver.serve_forever, daemon=True).start()
-    endpoint = f"http://127.0.0.1:{receiver.server_address[1]}"
-    configs = {
-        "off": {},
-        "on, 100%": {"OTEL_EXPORTER_OTLP_ENDPOINT": endpoint},
-        "on, 10%": {
-            "OTEL_EXPORTER_OTLP_ENDPOINT": endpoint,
-            "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
-            "OTEL_TRACES_SAMPLER_ARG": "0.1",
-        },
-    }
+    configs = tracing_setups(start_receiver())
     with tempfile.TemporaryDirectory(prefix="prodready-tracing-") as tmp:
         root = Path(tmp)
         say("rendering and installing the default project")

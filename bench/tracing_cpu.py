@@ -14,28 +14,16 @@ import asyncio
 import os
 import statistics
 import sys
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 sys.path.insert(0, str(Path.cwd()))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from otlp_sink import start_receiver, tracing_setups  # beside this script
 
 BATCH = 200
 BATCHES = 25
-
-
-class Receiver(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-
-    def do_POST(self) -> None:
-        self.rfile.read(int(self.headers["Content-Length"]))
-        self.send_response(200)
-        self.send_header("Content-Length", "0")
-        self.end_headers()
-
-    def log_message(self, *_args: object) -> None:
-        pass
 
 
 async def call(app, state: dict, path: str, headers: list) -> int:
@@ -78,17 +66,9 @@ async def main() -> None:
 
     os.environ.update(TEST_AUTH_ENV)
     os.environ.update({"ENVIRONMENT": "test", "RATE_LIMIT_ENABLED": "false", "LOG_LEVEL": "INFO"})
-    receiver = ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
-    threading.Thread(target=receiver.serve_forever, daemon=True).start()
-    endpoint = f"http://127.0.0.1:{receiver.server_address[1]}"
     variants = {
-        "off": {},
-        "on, 100%": {"otel_exporter_otlp_endpoint": endpoint},
-        "on, 10%": {
-            "otel_exporter_otlp_endpoint": endpoint,
-            "otel_traces_sampler": "parentbased_traceidratio",
-            "otel_traces_sampler_arg": 0.1,
-        },
+        name: {variable.lower(): value for variable, value in overrides.items()}
+        for name, overrides in tracing_setups(start_receiver()).items()
     }
     out, sys.stdout = sys.stdout, Path(os.devnull).open("w")  # noqa: SIM115 (the log lines)
     settings = {name: load_settings(**overrides) for name, overrides in variants.items()}
