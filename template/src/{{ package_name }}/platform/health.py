@@ -18,6 +18,7 @@ from typing import Any
 import structlog
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
+from opentelemetry import context as otel_context
 
 from . import state
 from .auth import public
@@ -84,6 +85,10 @@ class Readiness:
         return await asyncio.shield(self._running)
 
     async def _run(self) -> dict[str, dict[str, Any]]:
+        # Probes are not traced (tracing.py), nor the checks they run: outside any span, each
+        # Redis PING would start a trace of its own. The task has its own context to mark.
+        untraced = otel_context.set_value(otel_context._SUPPRESS_INSTRUMENTATION_KEY, True)
+        otel_context.attach(untraced)
         try:
             names = list(self.checks)
             found = await asyncio.gather(*(run_check(self.checks[n], self.timeout) for n in names))
