@@ -126,6 +126,7 @@ def files_with_conflict_markers(project: Path) -> set[str]:
         if path.is_file()
         and ".git" not in path.relative_to(project).parts
         and ".venv" not in path.relative_to(project).parts
+        and "__pycache__" not in path.relative_to(project).parts
         and any(line.startswith("<<<<<<< ") for line in path.read_text().splitlines())
     }
 

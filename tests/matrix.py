@@ -184,6 +184,8 @@ def fingerprint(project: Path) -> str:
         relative = path.relative_to(project).as_posix()
         if not path.is_file() or relative.startswith(FINGERPRINT_EXCLUDES):
             continue
+        if "__pycache__" in path.parts:
+            continue
         if relative.endswith(FINGERPRINT_EXCLUDED_SUFFIXES):
             continue
         digest.update(relative.encode() + b"\0" + path.read_bytes() + b"\0")
