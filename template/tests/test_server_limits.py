@@ -7,6 +7,7 @@ Each case is what a careless or hostile client does; each fails without its guar
 import contextlib
 import http.client
 import json
+import re
 import resource
 import select
 import socket
@@ -29,6 +30,7 @@ LIMITS = {
     "MAX_HEADER_COUNT": "20",
     "HEADER_TIMEOUT": "0.5",
     "BODY_IDLE_TIMEOUT": "0.5",
+    "BODY_MIN_RATE": "100",
     "KEEP_ALIVE_TIMEOUT": "1",
     "MAX_CONCURRENCY": "2",
     "RATE_LIMIT_ENABLED": "false",
@@ -110,7 +112,11 @@ def test_a_request_head_over_the_limits_gets_431(server: Server, data: bytes, st
     if status == 431:
         assert response.headers["Content-Type"] == "application/problem+json"
         assert response.headers["Connection"] == "close"
-        assert json.loads(body)["status"] == 431
+        problem = json.loads(body)
+        assert problem["status"] == 431
+        # The app never saw it: the server's answer still carries an id, in the body too.
+        assert problem["request_id"] == response.headers["X-Request-ID"]
+        assert re.fullmatch(r"[0-9a-f]{32}", problem["request_id"])
     healthz_within_a_second(server)
 
 
@@ -210,6 +216,20 @@ def stalled_body(sock: socket.socket) -> None:
     )
 
 
+def body_drip(sock: socket.socket) -> Callable[[], None]:
+    """Send a request body a byte at a time: it never stalls, it only never ends."""
+    sock.sendall(
+        b"POST /_test/echo HTTP/1.1\r\nHost: test\r\n"
+        + AUTHORIZATION.encode()
+        + b"Content-Type: application/json\r\nContent-Length: 5000\r\n\r\n"
+    )
+
+    def nudge() -> None:
+        sock.send(b" ")
+
+    return nudge
+
+
 def answered_then_idle(sock: socket.socket) -> None:
     sock.sendall(request_head())
     response = http.client.HTTPResponse(sock)
@@ -223,6 +243,7 @@ SLOW = [
     ("a connection that never sends", None, None, b""),
     ("headers dripping a byte every 0.2 s", None, drip, b"HTTP/1.1 408 "),
     ("a body stalled halfway", stalled_body, None, b"HTTP/1.1 408 "),
+    ("a body dripping a byte every 0.2 s", None, body_drip, b"HTTP/1.1 408 "),
     ("a kept-alive connection left idle", answered_then_idle, None, b""),
 ]
 

@@ -85,8 +85,8 @@ class Readiness:
         return await asyncio.shield(self._running)
 
     async def _run(self) -> dict[str, dict[str, Any]]:
-        # Probes are not traced (tracing.py), nor the checks they run: outside any span, each
-        # Redis PING would start a trace of its own. The task has its own context to mark.
+        # Probes are not traced (tracing.py), nor the checks they run: outside any span, an
+        # instrumented client would start a trace of its own. This task's context is its own.
         untraced = otel_context.set_value(otel_context._SUPPRESS_INSTRUMENTATION_KEY, True)
         otel_context.attach(untraced)
         try:

@@ -10,7 +10,10 @@ every open connection holds a file descriptor. This subclass adds, per connectio
   431 and the connection closes;
 - HEADER_TIMEOUT from the connection's start, or a request's first byte, to the
   end of its headers: 408 (or a silent close, if nothing came);
-- BODY_IDLE_TIMEOUT while a request body is incomplete and the app waits for it: 408;
+- BODY_IDLE_TIMEOUT while a request body is incomplete and the app waits for it, and
+  BODY_MIN_RATE over the whole body (after a BODY_IDLE_TIMEOUT grace, each byte earns
+  1/BODY_MIN_RATE s more, as Apache's mod_reqtimeout does): 408. A body dripped a byte
+  at a time never stalls, yet would hold its connection and a request slot for ever;
 - MAX_CONNECTIONS per worker: past it, the connection that has waited longest for
   a request is closed, so idle or half-open connections never lock a probe out.
 
@@ -19,15 +22,14 @@ bounded by concurrency.py.
 """
 
 import asyncio
-import resource
-from dataclasses import dataclass
 from typing import Any
 
 import structlog
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
+from .middleware import REQUEST_ID_HEADER, new_request_id
 from .problems import problem
-from .server_settings import ServerLimitSettings
+from .server_settings import ConnectionLimits
 
 log = structlog.get_logger(__name__)
 
@@ -35,48 +37,6 @@ log = structlog.get_logger(__name__)
 # connection closes: closing with unread data would reset it, and the client could lose the answer.
 LINGER_SECONDS = 1.0
 WARN_EVERY_SECONDS = 10.0
-
-
-@dataclass(frozen=True)
-class ConnectionLimits:
-    """The limits one worker enforces; pickled into each worker with uvicorn's Config."""
-
-    max_header_bytes: int
-    max_header_count: int
-    header_timeout: float
-    body_idle_timeout: float
-    max_connections: int
-
-    @classmethod
-    def from_settings(cls, settings: ServerLimitSettings, open_files: int) -> "ConnectionLimits":
-        """MAX_CONNECTIONS, lowered to three quarters of the open-file limit when that is
-        lower: the rest stays for pools, log files and the listening socket."""
-        max_connections = min(settings.max_connections, open_files * 3 // 4)
-        if max_connections < settings.max_connections:
-            log.warning(
-                "MAX_CONNECTIONS lowered to fit the open-file limit",
-                max_connections=max_connections,
-                open_files=open_files,
-            )
-        return cls(
-            max_header_bytes=settings.max_header_bytes,
-            max_header_count=settings.max_header_count,
-            header_timeout=settings.header_timeout,
-            body_idle_timeout=settings.body_idle_timeout,
-            max_connections=max_connections,
-        )
-
-
-def raise_open_files_limit() -> int:
-    """The soft RLIMIT_NOFILE raised to the hard one (containers often start at 1024 of
-    a million); returns the limit now in force, which workers inherit."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    target = hard if hard != resource.RLIM_INFINITY else max(soft, 65_536)
-    try:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-    except (ValueError, OSError):
-        log.warning("could not raise the open-file limit", soft=soft, hard=hard)
-    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
 class HeadTooLarge(Exception):
@@ -98,6 +58,8 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self.head_bytes = 0
         self.refused = False
         self.deadline: asyncio.TimerHandle | None = None
+        self.body_started = self.body_moved = 0.0  # loop times
+        self.body_bytes = 0
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -118,6 +80,8 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             self._feed_head(data)
         else:
             self._disarm()  # the body moved: its idle clock starts again
+            self.body_bytes += len(data)
+            self.body_moved = self.loop.time()
             super().data_received(data)
         if self.deadline is not None or (self.reading_head and not self.head_bytes):
             return  # a deadline runs already, or nothing is pending: the usual case
@@ -126,7 +90,14 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         if self.reading_head:  # a head begun, not finished
             self._arm(self.limits.header_timeout, self._head_timed_out)
         else:
-            self._arm(self.limits.body_idle_timeout, self._body_timed_out)
+            self._arm(self._body_wait(), self._body_timed_out)
+
+    def _body_wait(self) -> float:
+        """Seconds the body may take to move again: BODY_IDLE_TIMEOUT, cut to what its
+        bytes so far have earned at BODY_MIN_RATE."""
+        grace = self.limits.body_idle_timeout
+        earned = self.body_started + grace + self.body_bytes / self.limits.body_min_rate
+        return max(0.0, min(grace, earned - self.loop.time()))
 
     def _feed_head(self, data: bytes) -> None:
         room = self.limits.max_header_bytes - self.head_bytes
@@ -160,6 +131,8 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self.idle.pop(self, None)
         if self.deadline is not None:
             self._disarm()
+        self.body_started = self.body_moved = self.loop.time()
+        self.body_bytes = 0
         super().on_headers_complete()
 
     def on_message_complete(self) -> None:
@@ -186,8 +159,12 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
 
     def _body_timed_out(self) -> None:
         self.deadline = None
+        now = self.loop.time()
         if self.flow.read_paused or self.cycle.waiting_for_100_continue:
-            # The app has not asked for more of the body yet: the wait is not the client's.
+            # The app has not asked for more of the body yet: the wait is not the client's,
+            # so neither is the time the rate counts.
+            self.body_started = now - self.body_bytes / self.limits.body_min_rate
+            self.body_moved = now
             self._arm(self.limits.body_idle_timeout, self._body_timed_out)
             return
         started = self.cycle.response_started
@@ -195,22 +172,33 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self.cycle.message_event.set()
         if started:
             self.transport.close()
-        else:
+        elif now - self.body_moved >= self.limits.body_idle_timeout:
             timeout = self.limits.body_idle_timeout
             self._refuse(408, f"The request body stalled for {timeout:g} seconds.")
+        else:
+            rate = self.limits.body_min_rate
+            self._refuse(408, f"The request body came slower than {rate} bytes per second.")
 
     def _refuse(self, status: int, detail: str) -> None:
         """Answer with a problem, then close: sent before the app sees any of the request."""
         self.refused = True
         self._disarm()
-        response = problem(status, detail=detail, headers={"Connection": "close"})
-        headers = [*self.server_state.default_headers, *response.raw_headers]
-        head = [STATUS_LINE[status], *(b"%s: %s\r\n" % header for header in headers), b"\r\n"]
+        request_id = new_request_id()  # the app never saw the request: the id starts here
+        headers = {"Connection": "close", REQUEST_ID_HEADER: request_id}
+        response = problem(status, detail=detail, request_id=request_id, headers=headers)
+        raw_headers = [*self.server_state.default_headers, *response.raw_headers]
+        head = [STATUS_LINE[status], *(b"%s: %s\r\n" % header for header in raw_headers), b"\r\n"]
         self.transport.write(b"".join(head) + response.body)
         if self.transport.can_write_eof():
             self.transport.write_eof()
         self.deadline = self.loop.call_later(LINGER_SECONDS, self.transport.close)
-        log.info("request refused", status=status, detail=detail, client=self.client)
+        log.info(
+            "request refused",
+            status=status,
+            detail=detail,
+            client=self.client,
+            request_id=request_id,
+        )
 
     def _close_longest_idle(self) -> None:
         victim = next(iter(self.idle))  # this new connection itself when no other is idle

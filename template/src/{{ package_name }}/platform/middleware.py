@@ -24,7 +24,7 @@ QUIET_PATHS = frozenset({"/healthz", "/readyz"})
 access_log = structlog.get_logger("access")
 
 
-def _new_request_id() -> str:
+def new_request_id() -> str:
     """32 random hex digits. An id, not a secret: the process's PRNG (reseeded after a
     fork) instead of a getrandom() system call per request."""
     return f"{random.getrandbits(128):032x}"
@@ -45,7 +45,7 @@ class RequestIdMiddleware:
             if name == b"x-request-id":
                 incoming = value.decode("latin-1")
                 break
-        request_id = incoming if _VALID_REQUEST_ID.fullmatch(incoming) else _new_request_id()
+        request_id = incoming if _VALID_REQUEST_ID.fullmatch(incoming) else new_request_id()
         state.set_request_id(scope, request_id)
         structlog.contextvars.clear_contextvars()
         structlog.contextvars.bind_contextvars(request_id=request_id)

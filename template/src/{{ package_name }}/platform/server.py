@@ -10,9 +10,7 @@ A second SIGTERM or SIGINT during the delay ends it at once; the drain stays
 graceful. With WORKERS > 1 each worker does the same; the supervisor forwards
 the signals and gives up its own copy of the listening socket, so the socket
 stops listening (refusing, never resetting) once the last worker stops accepting.
-
-Once started, the server also freezes start-up's objects out of the garbage
-collector's sight.
+Once started, the server freezes start-up's objects out of the garbage collector's sight.
 """
 
 import asyncio
@@ -30,7 +28,8 @@ import structlog
 import uvicorn
 from uvicorn.supervisors import multiprocess
 
-from .http_limits import ConnectionLimits, LimitedHttpToolsProtocol, raise_open_files_limit
+from .http_limits import LimitedHttpToolsProtocol
+from .server_settings import ConnectionLimits, raise_open_files_limit
 from .settings import PlatformSettings
 from .state import DRAINING_SINCE
 
