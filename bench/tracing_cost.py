@@ -1,8 +1,9 @@
-"""`uv run python -m bench.tracing_cost`: what traces cost the default render, one worker.
+"""`uv run python -m bench.tracing_cost`: what traces and metrics cost the default render,
+one worker.
 
-Three servers of the same render side by side: tracing off, on at 100% and on at 10%
-(`parentbased_traceidratio`), the last two exporting to a local OTLP/HTTP receiver in this
-process that reads and acknowledges every batch. Each round drives every server in turn
+Four servers of the same render side by side: everything off, metrics on (METRICS_PORT),
+tracing on at 100% and on at 10% (`parentbased_traceidratio`), the last two exporting to a
+local OTLP/HTTP receiver in this process that reads and acknowledges every batch. Each round drives every server in turn
 with wrk (the order rotates each round; medians reported): `/healthz` and the authenticated
 notes list at 64 connections. Boot to first 200 (median of three starts) and idle RSS after
 a warm-up are taken for each. Prints a table; figures, never verdicts.
@@ -28,7 +29,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--connections", type=int, default=64)
     args = parser.parse_args()
-    configs = tracing_setups(start_receiver())
+    setups = tracing_setups(start_receiver())
+    # Metrics beside them (a listener of their own): the issue's table has both.
+    configs = {"off": setups.pop("off"), "metrics on": {"METRICS_PORT": str(free_port())}}
+    configs.update(setups)
     with tempfile.TemporaryDirectory(prefix="prodready-tracing-") as tmp:
         root = Path(tmp)
         say("rendering and installing the default project")
