@@ -3,8 +3,9 @@ one worker.
 
 Four servers of the same render side by side: everything off, metrics on (METRICS_PORT),
 tracing on at 100% and on at 10% (`parentbased_traceidratio`), the last two exporting to a
-local OTLP/HTTP receiver in this process that reads and acknowledges every batch. Each round drives every server in turn
-with wrk (the order rotates each round; medians reported): `/healthz` and the authenticated
+local OTLP/HTTP receiver in this process that reads and acknowledges every batch. Each
+round drives every server in turn with wrk (the order rotates each round; medians
+reported): `/healthz` and the authenticated
 notes list at 64 connections. Boot to first 200 (median of three starts) and idle RSS after
 a warm-up are taken for each. Prints a table; figures, never verdicts.
 """

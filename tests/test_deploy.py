@@ -220,37 +220,40 @@ def test_the_service_starts_on_the_production_configmap(
     deployed: Rendered, variant: Rendered
 ) -> None:
     """The service's own configuration check (`check-config`: every setting, and what
-    production refuses) passes on the production overlay's ConfigMap and the Secret's keys."""
+    production refuses) passes on the production overlay's ConfigMap and the Secret's keys,
+    once its one placeholder, the example host name in ALLOWED_HOSTS, is replaced; with the
+    placeholder left in, the service refuses to start and names that setting alone."""
     from .conftest import install
 
     install(variant)
     objects = build(deployed.path, "production")
     config = find(objects, "ConfigMap", f"{APP}-config")["data"]
     keys = checker(deployed.path).SECRET_KEYS
-    env = {"PATH": os.environ["PATH"], **config, **{key: STAND_IN_SECRETS[key] for key in keys}}
+    shipped = {"PATH": os.environ["PATH"], **config, **{k: STAND_IN_SECRETS[k] for k in keys}}
     python = variant.path / ".venv" / "bin" / "python"
-    result = subprocess.run(
-        [str(python), "-m", "acme_orders", "check-config"],
-        cwd=variant.path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+
+    def check_config(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(python), "-m", "acme_orders", "check-config"],
+            cwd=variant.path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+
+    placeholder = check_config(shipped)
+    assert placeholder.returncode == 78, placeholder.stdout + placeholder.stderr
+    assert "1 problem(s)" in placeholder.stderr
+    assert "ALLOWED_HOSTS" in placeholder.stderr
+    env = {**shipped, "ALLOWED_HOSTS": f"{APP}.acme.internal"}
+    result = check_config(env)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "configuration valid" in result.stdout + result.stderr
     assert config["ENVIRONMENT"] == "production"
     # The check can fail: one of the refusals it stands for, planted, stops the service.
-    planted = subprocess.run(
-        [str(python), "-m", "acme_orders", "check-config"],
-        cwd=variant.path,
-        env={**env, "FORWARDED_ALLOW_IPS": "*"},
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    planted = check_config({**env, "FORWARDED_ALLOW_IPS": "*"})
     assert planted.returncode == 78, planted.stdout + planted.stderr
     assert "FORWARDED_ALLOW_IPS" in planted.stderr
 
@@ -408,6 +411,8 @@ PLANTS: dict[str, tuple[str, Plant]] = {
         lambda o: settings(o).update(FORWARDED_ALLOW_IPS="*"),
     ),
     "CORS_ORIGINS=*": ("deploy-rules", lambda o: settings(o).update(CORS_ORIGINS="*")),
+    "ALLOWED_HOSTS=*": ("deploy-rules", lambda o: settings(o).update(ALLOWED_HOSTS="*")),
+    "no ALLOWED_HOSTS": ("deploy-rules", lambda o: settings(o).pop("ALLOWED_HOSTS")),
     "DEBUG=true": ("deploy-rules", lambda o: settings(o).update(DEBUG="true")),
     "twenty replicas on the default pools": (
         "connection-budget",

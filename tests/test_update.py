@@ -16,7 +16,9 @@ redis both ways; auth is `none` where a user-added route must answer without cre
   to settings (postgresql, github, 3.12, jwt).
 
 Every project that comes out of an update must pass its own `scripts/check` (every
-production rule, then its test suite) and boot.
+production rule, then its test suite) and boot. A project an answer change produced must be,
+file for file, what `copier copy` makes of the new answers, whose service source is one
+test_projects.py runs the suite of: its check runs every hook but that suite.
 """
 
 import re
@@ -30,7 +32,7 @@ import httpx2
 import pytest
 
 from . import lifecycle
-from .conftest import drop_database
+from .conftest import drop_database, plan, source_digest, tree_source_digest
 from .lifecycle import (
     check,
     commit_all,
@@ -121,12 +123,15 @@ def env_for(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[EnvFor]:
         drop_database(admin, name)
 
 
-def assert_checks_and_boots(project: Path, env: dict[str, str], paths: list[str]) -> None:
+def assert_checks_and_boots(
+    project: Path, env: dict[str, str], paths: list[str], *, suite: bool = True
+) -> None:
     """After `uv sync` (an update may change dependencies), the project passes its own
-    definition of done, migrates and serves."""
+    definition of done, migrates and serves. `suite=False`: every hook of the check but the
+    test suite, for a project whose source is one test_projects.py runs the suite of."""
     synced = lifecycle.run(project, env, "uv sync --quiet && cp -n .env.example .env")
     assert synced.returncode == 0, synced.stderr  # .env: local settings, as README.md says
-    result = check(project, env)
+    result = check(project, env if suite else {**env, "SKIP": "tests"})
     assert result.returncode == 0, result.stdout[-8000:] + result.stderr[-3000:]
     python = project / ".venv" / "bin" / "python"
     if (project / PACKAGE / "migrations").is_dir():
@@ -369,9 +374,29 @@ def test_changing_an_answer_regenerates_the_project_accordingly(
         assert '"asyncpg==' in pyproject
         assert '"aiosqlite==' not in pyproject
         assert "DATABASE_URL=postgresql://" in env_example
+    # What the update made is what copier makes of the new answers, file for file (the
+    # user's README section aside), and that render's service source is one whose own suite
+    # test_projects.py runs: the suite would run the same tests on the same code again.
+    now = {name: value for name, value in recorded.items() if not name.startswith("_")}
+    fresh = copy(repo, tmp_path / "fresh", now, OLD)
+    ours, theirs = tree(project), tree(fresh)
+    assert sorted(ours.keys() ^ theirs.keys()) == []
+    assert ours.pop("README.md") == theirs.pop("README.md") + README_SECTION.encode()
+    assert [name for name in theirs if ours[name] != theirs[name]] == []
+    tested = {source_digest(rendered) for rendered in plan().representatives()}
+    assert tree_source_digest(fresh) in tested, "no tested source has this code"
     lifecycle.commit_all(project, "change an answer")
     env = env_for(project, f"prodready_answer_{next(iter(change))}")
-    assert_checks_and_boots(project, env, ["/healthz", "/readyz"])
+    assert_checks_and_boots(project, env, ["/healthz", "/readyz"], suite=False)
+
+
+def tree(project: Path) -> dict[str, bytes]:
+    """Every file of a project as generated (not git's, not the virtualenv's)."""
+    return {
+        path.relative_to(project).as_posix(): path.read_bytes()
+        for path in sorted(project.rglob("*"))
+        if path.is_file() and not {".git", ".venv", "__pycache__"} & set(path.parts)
+    }
 
 
 # --- renamed questions: _migrations carry the answer over ------------------------------------

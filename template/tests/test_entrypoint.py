@@ -3,9 +3,8 @@
 import json
 import signal
 
-import httpx2
-
 from .conftest import (
+    LOCAL,
     PROJECT_ROOT,
     free_port,
     run_entrypoint,
@@ -23,8 +22,8 @@ def test_serves_then_drains_and_exits_zero_on_sigterm() -> None:
     process = start_service(env, "serve")
     try:
         wait_for_port(process, port)
-        assert httpx2.get(f"http://127.0.0.1:{port}/healthz", timeout=5).status_code == 200
-        assert httpx2.get(f"http://127.0.0.1:{port}/readyz", timeout=5).status_code == 200
+        assert LOCAL.get(f"http://127.0.0.1:{port}/healthz", timeout=5).status_code == 200
+        assert LOCAL.get(f"http://127.0.0.1:{port}/readyz", timeout=5).status_code == 200
         process.send_signal(signal.SIGTERM)
         output, _ = process.communicate(timeout=SHUTDOWN_TIMEOUT + 10)
     finally:

@@ -19,10 +19,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import pytest
 
-from .conftest import free_port, run_entrypoint, service_env, start_service, wait_for_port
+from .conftest import LOCAL, free_port, run_entrypoint, service_env, start_service, wait_for_port
 from .credentials import headers_for
 
 LIMITS = {
@@ -88,7 +87,7 @@ def send_and_read(server: Server, data: bytes) -> tuple[http.client.HTTPResponse
 
 
 def healthz_within_a_second(server: Server) -> None:
-    response = httpx.get(f"{server.base}/healthz", timeout=1)
+    response = LOCAL.get(f"{server.base}/healthz", timeout=1)
     assert response.status_code == 200
 
 
@@ -272,21 +271,22 @@ def test_past_max_concurrency_requests_get_503_and_the_probes_still_pass(server:
     sleep = f"{server.base}/_test/sleep"
     with ThreadPoolExecutor(2) as pool:
         holders = [
-            pool.submit(httpx.get, sleep, params={"seconds": 4}, headers=auth, timeout=10)
+            pool.submit(LOCAL.get, sleep, params={"seconds": 6}, headers=auth, timeout=10)
             for _ in range(2)
         ]
-        deadline = time.monotonic() + 3.5  # the two hold their slots for 4 s
-        while (busy := httpx.get(sleep, params={"seconds": 0}, headers=auth)).status_code != 503:
+        # The two hold their slots for 6 s: long enough for both to arrive on a loaded machine.
+        deadline = time.monotonic() + 5.5
+        while (busy := LOCAL.get(sleep, params={"seconds": 0}, headers=auth)).status_code != 503:
             assert time.monotonic() < deadline, "two requests in flight, and a third still served"
             time.sleep(0.05)
         for probe in ("/healthz", "/readyz"):
-            assert httpx.get(f"{server.base}{probe}", timeout=1).status_code == 200
+            assert LOCAL.get(f"{server.base}{probe}", timeout=1).status_code == 200
         assert all(holder.result().status_code == 200 for holder in holders)
     assert busy.headers["content-type"] == "application/problem+json"
     assert busy.headers["retry-after"] == "1"
     assert busy.json()["status"] == 503
     assert busy.headers["x-request-id"] == busy.json()["request_id"]
-    assert httpx.get(sleep, params={"seconds": 0}, headers=auth).status_code == 200
+    assert LOCAL.get(sleep, params={"seconds": 0}, headers=auth).status_code == 200
 
 
 def is_open(sock: socket.socket) -> bool:

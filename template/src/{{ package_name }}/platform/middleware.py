@@ -14,12 +14,12 @@ from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import state
+from .health import PROBE_PATHS
 from .logs import enabled_for
 
 REQUEST_ID_HEADER = "X-Request-ID"
 # A client-supplied id is kept only if it is short and plain: it ends up in every log line.
 _VALID_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
-QUIET_PATHS = frozenset({"/healthz", "/readyz"})
 
 access_log = structlog.get_logger("access")
 
@@ -80,7 +80,7 @@ class AccessLogMiddleware:
         try:
             await self.app(scope, receive, send_and_record)
         finally:
-            quiet = scope["path"] in QUIET_PATHS and status < 400
+            quiet = scope["path"] in PROBE_PATHS and status < 400
             if not quiet or enabled_for(logging.DEBUG):
                 self._log(scope, status, started, quiet)
 
