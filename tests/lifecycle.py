@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from .conftest import UV, create_database, find_python, uv_env
-from .matrix import PROJECT_DIR_NAME, snapshot_template
+from .matrix import PROJECT_DIR_NAME, snapshot_template, without_git_file_mode_sync
 
 COPIER = UV.with_name("copier")
 GIT_IDENTITY = {
@@ -58,9 +58,17 @@ def copy(repo: Path, parent: Path, answers: dict[str, Any], tag: str) -> Path:
     from copier import run_copy
 
     project = parent / PROJECT_DIR_NAME  # so project_name, and the package, default as in tests
-    run_copy(
-        str(repo), str(project), data=answers, vcs_ref=tag, defaults=True, quiet=True, unsafe=True
-    )
+    parent.mkdir(parents=True, exist_ok=True)
+    with without_git_file_mode_sync(parent):
+        run_copy(
+            str(repo),
+            str(project),
+            data=answers,
+            vcs_ref=tag,
+            defaults=True,
+            quiet=True,
+            unsafe=True,
+        )
     git(project, "init", "--quiet", "--initial-branch=main")
     commit_all(project, "generated")
     return project
