@@ -49,6 +49,10 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "redis: run on variants that use Redis")
     config.addinivalue_line("markers", "per_source: run once per distinct service source")
     config.addinivalue_line(
+        "markers",
+        "not_on_assistant_runners: leave out the sources whose suite test_agents.py runs",
+    )
+    config.addinivalue_line(
         "markers", "exercises(*answers): run once per combination of these answers' values"
     )
     config.addinivalue_line("markers", "default_answers: run on the default answers' variant only")
@@ -186,6 +190,9 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         representatives = [r for r in representatives if r.answers["redis"]]
     if metafunc.definition.get_closest_marker("per_source"):
         representatives = one_per_source(representatives)
+    if metafunc.definition.get_closest_marker("not_on_assistant_runners"):
+        covered = {source_digest(r) for r in assistant_runners() if not follows_the_recipe(r)}
+        representatives = [r for r in representatives if source_digest(r) not in covered]
     if marker := metafunc.definition.get_closest_marker("exercises"):
         representatives = one_per_combination(representatives, marker.args)
     if metafunc.definition.get_closest_marker("default_answers"):
@@ -216,6 +223,32 @@ def one_per_source(representatives: list[Rendered]) -> list[Rendered]:
         group.sort(key=lambda r: r.answers["python_version"])
         chosen.append(group[index % len(group)])
     return chosen
+
+
+def assistant_runners() -> list[Rendered]:
+    """The variants test_agents.py runs AGENTS.md's commands on, its `uv run pytest`
+    included: one per database value; across them, each auth answer and each python
+    version once where the variants allow, and redis both ways. Where no recipe is followed
+    first (follows_the_recipe), that `uv run pytest` runs the rendered source's own suite,
+    which test_projects.py then leaves out (marker `not_on_assistant_runners`)."""
+    chosen: list[Rendered] = []
+    for database in ("postgresql", "sqlite", "none"):
+        candidates = [r for r in plan().representatives() if r.answers["database"] == database]
+
+        def novelty(rendered: Rendered) -> int:
+            return sum(
+                all(other.answers[name] != rendered.answers[name] for other in chosen)
+                for name in ("auth", "python_version", "redis")
+            )
+
+        chosen.append(max(candidates, key=novelty))
+    return chosen
+
+
+def follows_the_recipe(rendered: Rendered) -> bool:
+    """The PostgreSQL runner follows AGENTS.md's "add an endpoint" recipe (a table and a
+    migration) before its tests run, so its suite runs on a changed tree."""
+    return rendered.answers["database"] == "postgresql"
 
 
 def one_per_combination(

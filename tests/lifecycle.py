@@ -9,7 +9,12 @@ from pathlib import Path
 from typing import Any
 
 from .conftest import UV, create_database, find_python, uv_env
-from .matrix import PROJECT_DIR_NAME, snapshot_template, without_git_file_mode_sync
+from .matrix import (
+    PROJECT_DIR_NAME,
+    jinja_compiled_once,
+    snapshot_template,
+    without_git_file_mode_sync,
+)
 
 COPIER = UV.with_name("copier")
 GIT_IDENTITY = {
@@ -59,7 +64,7 @@ def copy(repo: Path, parent: Path, answers: dict[str, Any], tag: str) -> Path:
 
     project = parent / PROJECT_DIR_NAME  # so project_name, and the package, default as in tests
     parent.mkdir(parents=True, exist_ok=True)
-    with without_git_file_mode_sync(parent):
+    with without_git_file_mode_sync(parent), jinja_compiled_once():
         run_copy(
             str(repo),
             str(project),

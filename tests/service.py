@@ -1,6 +1,7 @@
 """Start a generated service as a real process, and stop it."""
 
 import contextlib
+import random
 import signal
 import socket
 import subprocess
@@ -10,11 +11,28 @@ from pathlib import Path
 
 import pytest
 
+PORT_RANGE = "/proc/sys/net/ipv4/ip_local_port_range"
+EPHEMERAL_FLOOR = 32768  # Linux's default; macOS and Windows start theirs at 49152
+PORT_FLOOR = 20000
+
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A free port below the kernel's ephemeral range. bind(0) and every outgoing
+    connection take their ports from that range, so with many servers and clients at once
+    one of them took a port handed out here before its server could bind it; below the
+    range, nothing but another explicit bind can."""
+    ceiling = EPHEMERAL_FLOOR
+    with contextlib.suppress(OSError, ValueError):  # Linux; elsewhere 32768 is below it
+        ceiling = min(ceiling, int(Path(PORT_RANGE).read_text().split()[0]))
+    for _ in range(100):
+        port = random.randrange(PORT_FLOOR, ceiling) if ceiling > PORT_FLOOR else 0  # noqa: S311
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return sock.getsockname()[1]
+    raise RuntimeError("no free port below the ephemeral range")
 
 
 def wait_until_listening(process: subprocess.Popen, port: int, timeout: float = 30) -> None:

@@ -5,6 +5,8 @@ Variants that differ only in `python_version` run byte-identical code and tests,
 project's own suite runs once per source, on interpreters taken in turn so every Python
 version runs some (`one_per_source` in conftest.py); every variant still installs, imports
 everything it serves, boots, answers its probes and shuts down on its own interpreter.
+Two sources' suites run in test_agents.py instead, as AGENTS.md's `uv run pytest` on the
+rendered tree (`assistant_runners` in conftest.py): running them here too would repeat them.
 """
 
 import json
@@ -25,6 +27,7 @@ SHUTDOWN_TIMEOUT = 5
 
 
 @pytest.mark.per_source
+@pytest.mark.not_on_assistant_runners
 @pytest.mark.stage_tested
 def test_own_test_suite_passes(variant: Project) -> None:
     result = variant.run(str(variant.python), "-m", "pytest", "-q", "-p", "no:cacheprovider")
