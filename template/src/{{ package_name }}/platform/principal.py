@@ -48,6 +48,20 @@ class AuthenticationError(Exception):
         self.throttled: dict[str, str] | None = None
 
 
+class CredentialsUnverifiable(AuthenticationError):
+    """Credentials were presented and cannot be checked now (what checks them is out of
+    reach). No fault of the client's: not counted as a failure, and answered 503 with
+    Retry-After, so clients retry instead of discarding credentials that may be valid."""
+
+    def __init__(self, reason: str, *, retry_after: int) -> None:
+        super().__init__(
+            reason,
+            "The credentials cannot be checked now; retry shortly.",
+            "temporarily_unavailable",
+        )
+        self.retry_after = retry_after
+
+
 class Authenticator(Protocol):
     """What the backend that reads credentials provides."""
 
