@@ -15,6 +15,7 @@ unknown path or a public route is counted per address whatever the credentials:
 the RateLimit header (or a 429) must not tell valid credentials from invalid ones.
 """
 
+import bisect
 import math
 import time
 from dataclasses import dataclass, field
@@ -23,10 +24,9 @@ from typing import Any
 import structlog
 from fastapi import Depends, HTTPException, Request
 from limits import RateLimitItem
-from limits.aio.storage import Storage
+from limits.aio.storage import MemoryStorage, Storage
 from limits.aio.strategies import MovingWindowRateLimiter
 from limits.errors import StorageError
-from limits.storage import storage_from_string
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -149,9 +149,48 @@ def _item(limit: str | RateLimitItem) -> RateLimitItem:
     return parse_limit(limit) if isinstance(limit, str) else limit
 
 
-def memory_storage() -> Storage:
+def memory_storage() -> "SweptMemoryStorage":
     """Counts in this process only: right for one worker, wrong for several (settings refuse it)."""
-    return storage_from_string("async+memory://")
+    return SweptMemoryStorage()
+
+
+class SweptMemoryStorage(MemoryStorage):
+    """limits' in-process storage, its expired hits swept once a second in the event loop.
+
+    limits' own starts a sweep after every hit, which hands each client's list of hits to
+    a thread (asyncio.to_thread) and copies it: a thread hop and a lock handover per
+    request, costlier than the rest of the rate limiter, and with thousands of clients a
+    core's worth of work. Sweeping in the loop needs no lock: nothing in the storage
+    awaits while it changes a list. The hook overridden is private to limits, whose
+    version is pinned; test_rate_limits.py fails if it stops being called.
+    """
+
+    SWEEP_EVERY_SECONDS = 1.0
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.swept_at = time.monotonic()
+
+    async def _MemoryStorage__schedule_expiry(self) -> None:
+        if time.monotonic() - self.swept_at >= self.SWEEP_EVERY_SECONDS:
+            self.sweep()
+
+    def sweep(self) -> None:
+        """Drop the hits that left their window, and the clients left with none."""
+        self.swept_at = time.monotonic()
+        now = time.time()
+        for key, hits in list(self.events.items()):
+            live = bisect.bisect_left(hits, -now, key=lambda hit: -hit.expiry)  # newest first
+            if live:
+                del hits[live:]
+            else:
+                del self.events[key]
+                self.locks.pop(key, None)
+        for key, expires in list(self.expirations.items()):
+            if expires <= now:
+                self.storage.pop(key, None)
+                del self.expirations[key]
+                self.locks.pop(key, None)
 
 
 def client_key(scope: Scope) -> str:
