@@ -19,6 +19,7 @@ import pytest
 
 from . import credentials
 from .matrix import Plan, Rendered, build_plan, combo_id, default_answers
+from .service import release_ports
 
 # Bytecode caches on, for this process and every one it starts (xdist workers, copier, uv,
 # each project's pytest and servers). Some images set PYTHONDONTWRITEBYTECODE=1 (this
@@ -83,11 +84,12 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
-    """`-n auto`: one worker more than the cores. A worker spends much of its time waiting
+    """`-n auto`: two workers more than the cores. A worker spends much of its time waiting
     on the servers it started, on timeouts it provokes and on subprocesses' I/O; with one
     per core, about a third of the CPU stayed idle (2 cores: 35.5 min with 2 workers, 27
-    with 3, the same 1 116 tests passing)."""
-    return len(os.sched_getaffinity(0)) + 1
+    with 3; with 3, the CPU was 84% busy while every worker was inside a test 97% of the
+    time; 4 workers with hard-linked installs: 25 min, 90% busy)."""
+    return len(os.sched_getaffinity(0)) + 2
 
 
 # --- interpreters -----------------------------------------------------------------------------
@@ -124,12 +126,18 @@ def find_python(version: str) -> Path:
 
 
 def uv_env() -> dict[str, str]:
-    """One shared uv cache for every rendered project; never download an interpreter."""
+    """One shared uv cache for every rendered project; never download an interpreter.
+    PYTEST_ADDOPTS is this suite's: passed on, `-n 3` broke every project's own pytest."""
     env = {
-        k: v for k, v in os.environ.items() if not k.startswith(("VIRTUAL_ENV", "PYENV_VERSION"))
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("VIRTUAL_ENV", "PYENV_VERSION", "PYTEST_ADDOPTS"))
     }
     env["UV_PYTHON_DOWNLOADS"] = "never"
-    env.setdefault("UV_LINK_MODE", "copy")
+    # Hard links from the cache (uv's default on Linux; it copies, with a warning, when the
+    # cache is on another filesystem): a copy wrote 145 MB and spent 1.2 s of system CPU per
+    # install, each of some 70 installs a run. Nothing edits an installed file in place.
+    env.setdefault("UV_LINK_MODE", "hardlink")
     return env
 
 
@@ -372,6 +380,9 @@ _database_numbers = itertools.count()
 
 _outcomes: Counter[tuple[str, str]] = Counter()
 _contract: list[str] = []  # Schemathesis figures per variant (test_contract.py)
+# Per xdist worker: [first test's start, last test's end, seconds inside tests] (epoch).
+_workers: dict[str, list[float]] = {}
+_calls: list[tuple[float, float, str]] = []  # (end, seconds, node id) of each test's call
 _phase_seconds: Counter[str] = Counter()
 _session_started = time.monotonic()
 _session_wall_start = time.time()
@@ -403,6 +414,13 @@ def phase_of(nodeid: str) -> str:
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
     _phase_seconds[phase_of(report.nodeid)] += report.duration
+    node = getattr(report, "node", None)  # set on the xdist controller
+    worker = node.gateway.id if node is not None else "main"
+    span = _workers.setdefault(worker, [report.start, report.stop, 0.0])
+    span[0], span[1] = min(span[0], report.start), max(span[1], report.stop)
+    span[2] += report.duration
+    if report.when == "call":
+        _calls.append((report.stop, report.duration, report.nodeid))
     if report.when == "call":
         variant = report.nodeid.partition("[")[2].rstrip("]")
         figures = [value for key, value in report.user_properties if key == "schemathesis"]
@@ -411,6 +429,10 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
         for stage in ("rendered", "tested", "booted"):
             if f"stage_{stage}" in report.keywords:
                 _outcomes[(stage, "passed")] += 1
+
+
+def pytest_sessionfinish() -> None:
+    release_ports()  # those free_port still holds: their servers never listened
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
@@ -441,6 +463,15 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     for phase, seconds in _phase_seconds.most_common():
         write(f"    {phase:<34} {seconds:8.1f}")
     write(f"    {'of which uv sync, ' + str(len(installs)) + ' variants':<34} {sum(installs):8.1f}")
+    write("  workers (seconds from the session's start; busy: inside tests):")
+    for worker, (first, last, busy) in sorted(_workers.items()):
+        write(
+            f"    {worker:<6} first test at {first - _session_wall_start:6.0f}, last ended at "
+            f"{last - _session_wall_start:6.0f}, busy {busy:6.0f}"
+        )
+    write("  the last tests to end (end, seconds, test): the tail a long test leaves")
+    for end, seconds, nodeid in sorted(_calls)[-5:]:
+        write(f"    {end - _session_wall_start:6.0f} {seconds:6.0f}  {nodeid[:110]}")
     for figures in sorted(_contract):
         write(f"  schemathesis {figures}")
     write("  rule: every combination of choice/yes-no answers is rendered and linted; combinations")

@@ -16,23 +16,44 @@ EPHEMERAL_FLOOR = 32768  # Linux's default; macOS and Windows start theirs at 49
 PORT_FLOOR = 20000
 
 
+# Ports free_port handed out, still bound by this process: see free_port.
+_held_ports: dict[int, socket.socket] = {}
+
+
 def free_port() -> int:
     """A free port below the kernel's ephemeral range. bind(0) and every outgoing
     connection take their ports from that range, so with many servers and clients at once
     one of them took a port handed out here before its server could bind it; below the
-    range, nothing but another explicit bind can."""
+    range, nothing but another explicit bind can.
+
+    That bind can be another free_port's: this one in another xdist worker, or a generated
+    project's own, in a suite running beside this test. Two handed out one port, and a test
+    talked to the other's server. So the port stays bound here, not listening, until
+    `wait_until_listening` sees the server listen: SO_REUSEADDR, set after the bind, lets the
+    server (uvicorn, HAProxy and Prometheus set it too) listen on it on Linux, and no other
+    free_port, which binds without it, can take it meanwhile."""
     ceiling = EPHEMERAL_FLOOR
     with contextlib.suppress(OSError, ValueError):  # Linux; elsewhere 32768 is below it
         ceiling = min(ceiling, int(Path(PORT_RANGE).read_text().split()[0]))
     for _ in range(100):
         port = random.randrange(PORT_FLOOR, ceiling) if ceiling > PORT_FLOOR else 0  # noqa: S311
-        with socket.socket() as sock:
-            try:
-                sock.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return sock.getsockname()[1]
+        sock = socket.socket()
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            sock.close()
+            continue
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        port = sock.getsockname()[1]
+        _held_ports[port] = sock
+        return port
     raise RuntimeError("no free port below the ephemeral range")
+
+
+def release_ports() -> None:
+    """Give back the ports whose server never listened (or that were meant to stay closed)."""
+    while _held_ports:
+        _held_ports.popitem()[1].close()
 
 
 def wait_until_listening(process: subprocess.Popen, port: int, timeout: float = 30) -> None:
@@ -40,7 +61,10 @@ def wait_until_listening(process: subprocess.Popen, port: int, timeout: float = 
     while time.monotonic() < deadline:
         assert process.poll() is None, f"exited early with {process.returncode}"
         with socket.socket() as sock:
-            if sock.connect_ex(("127.0.0.1", port)) == 0:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:  # the server's: see free_port
+                held = _held_ports.pop(port, None)
+                if held is not None:
+                    held.close()
                 return
         time.sleep(0.05)
     pytest.fail(f"not listening on {port} after {timeout}s")
