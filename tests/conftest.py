@@ -4,6 +4,7 @@ import hashlib
 import itertools
 import os
 import re
+import resource
 import shutil
 import socket
 import subprocess
@@ -59,9 +60,10 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "default_answers: run on the default answers' variant only")
     for stage in ("rendered", "tested", "booted"):
         config.addinivalue_line("markers", f"stage_{stage}: counts toward the '{stage}' total")
-    started = time.monotonic()
+    started, cpu = time.monotonic(), cpu_seconds()
     plan()  # the xdist controller renders; workers find the renders cached
     _phase_seconds["render (plan, in the controller)"] += time.monotonic() - started
+    _phase_cpu["render (plan, in the controller)"] += cpu_seconds() - cpu
 
 
 # --- scheduling ---------------------------------------------------------------------------
@@ -384,6 +386,8 @@ _contract: list[str] = []  # Schemathesis figures per variant (test_contract.py)
 _workers: dict[str, list[float]] = {}
 _calls: list[tuple[float, float, str]] = []  # (end, seconds, node id) of each test's call
 _phase_seconds: Counter[str] = Counter()
+_phase_cpu: Counter[str] = Counter()
+_cpu_mark = [0.0]  # this process's and its reaped children's CPU seconds at the last report
 _session_started = time.monotonic()
 _session_wall_start = time.time()
 
@@ -412,8 +416,29 @@ def phase_of(nodeid: str) -> str:
     return next((phase for phase, pattern in PHASES if pattern in nodeid), "other")
 
 
+def cpu_seconds() -> float:
+    """CPU of this process and of the children it waited for (servers, installs, suites)."""
+    own, children = map(resource.getrusage, (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item) -> Iterator[None]:
+    """Each report carries the CPU its stage used, so the summary can say where the CPU goes:
+    the suite is CPU bound, so CPU, not wall time, is what a cut has to remove."""
+    outcome = yield
+    now = cpu_seconds()
+    outcome.get_result().user_properties.append(("cpu", now - _cpu_mark[0]))
+    _cpu_mark[0] = now
+
+
+def pytest_runtest_logstart() -> None:
+    _cpu_mark[0] = cpu_seconds()
+
+
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
     _phase_seconds[phase_of(report.nodeid)] += report.duration
+    _phase_cpu[phase_of(report.nodeid)] += sum(v for k, v in report.user_properties if k == "cpu")
     node = getattr(report, "node", None)  # set on the xdist controller
     worker = node.gateway.id if node is not None else "main"
     span = _workers.setdefault(worker, [report.start, report.stop, 0.0])
@@ -459,8 +484,9 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
         f"  time by phase (seconds summed over xdist workers; wall clock "
         f"{time.monotonic() - _session_started:.0f} s):"
     )
+    write(f"    {'phase':<34} {'wall':>8} {'CPU':>8}")
     for phase, seconds in _phase_seconds.most_common():
-        write(f"    {phase:<34} {seconds:8.1f}")
+        write(f"    {phase:<34} {seconds:8.1f} {_phase_cpu[phase]:8.1f}")
     write(f"    {'of which uv sync, ' + str(len(installs)) + ' variants':<34} {sum(installs):8.1f}")
     write("  workers (seconds from the session's start; busy: inside tests):")
     for worker, (first, last, busy) in sorted(_workers.items()):
