@@ -387,6 +387,7 @@ _workers: dict[str, list[float]] = {}
 _calls: list[tuple[float, float, str]] = []  # (end, seconds, node id) of each test's call
 _phase_seconds: Counter[str] = Counter()
 _phase_cpu: Counter[str] = Counter()
+_test_cpu: Counter[str] = Counter()  # CPU seconds by test (setup, call and teardown)
 _cpu_mark = [0.0]  # this process's and its reaped children's CPU seconds at the last report
 _session_started = time.monotonic()
 _session_wall_start = time.time()
@@ -438,7 +439,9 @@ def pytest_runtest_logstart() -> None:
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
     _phase_seconds[phase_of(report.nodeid)] += report.duration
-    _phase_cpu[phase_of(report.nodeid)] += sum(v for k, v in report.user_properties if k == "cpu")
+    cpu = sum(value for key, value in report.user_properties if key == "cpu")
+    _phase_cpu[phase_of(report.nodeid)] += cpu
+    _test_cpu[report.nodeid] += cpu
     node = getattr(report, "node", None)  # set on the xdist controller
     worker = node.gateway.id if node is not None else "main"
     span = _workers.setdefault(worker, [report.start, report.stop, 0.0])
@@ -494,6 +497,9 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
             f"    {worker:<6} first test at {first - _session_wall_start:6.0f}, last ended at "
             f"{last - _session_wall_start:6.0f}, busy {busy:6.0f}"
         )
+    write("  the tests that used the most CPU (seconds, with the processes they waited for)")
+    for nodeid, seconds in _test_cpu.most_common(8):
+        write(f"    {seconds:6.1f}  {nodeid[:110]}")
     write("  the last tests to end (end, seconds, test): the tail a long test leaves")
     for end, seconds, nodeid in sorted(_calls)[-5:]:
         write(f"    {end - _session_wall_start:6.0f} {seconds:6.0f}  {nodeid[:110]}")
