@@ -90,7 +90,9 @@ def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
     on the servers it started, on timeouts it provokes and on subprocesses' I/O; with one
     per core, about a third of the CPU stayed idle (2 cores: 35.5 min with 2 workers, 27
     with 3; with 3, the CPU was 84% busy while every worker was inside a test 97% of the
-    time; 4 workers with hard-linked installs: 24.3 min, 92% busy)."""
+    time; 4 workers with hard-linked installs: 24.3 min, 92% busy). Six were slower than four
+    on a faster machine (17.3 min against 16.2): more processes competing for two cores used
+    18% more CPU for the same tests."""
     return len(os.sched_getaffinity(0)) + 2
 
 
