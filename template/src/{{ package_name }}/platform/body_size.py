@@ -2,7 +2,8 @@
 
 A declared Content-Length over the limit is refused before a byte is read; a
 body without one (chunked) is counted as it arrives and refused the moment it
-passes the limit. Both answers are the same 413 problem.
+passes the limit. Both answers are the same 413 problem. A request with neither
+Content-Length nor Transfer-Encoding has no body (RFC 9112, 6.3): it passes as it is.
 """
 
 from starlette.datastructures import Headers
@@ -32,7 +33,11 @@ class BodySizeLimitMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        declared = Headers(scope=scope).get("content-length")
+        headers = Headers(scope=scope)
+        declared = headers.get("content-length")
+        if declared is None and "transfer-encoding" not in headers:
+            await self.app(scope, receive, send)  # no body: nothing to count
+            return
         if declared is not None:
             if not declared.isdigit():
                 await refuse(scope, receive, send, 400, "Content-Length is not a number.")

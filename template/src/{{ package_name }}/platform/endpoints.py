@@ -9,7 +9,7 @@ counter in its RateLimit header would tell a guesser that its credentials are va
 
 from typing import Any
 
-from fastapi.routing import APIRoute, iter_route_contexts
+from fastapi.routing import APIRoute, APIWebSocketRoute, iter_route_contexts
 from starlette.routing import Match
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -29,10 +29,10 @@ class EndpointMiddleware:
         self._endpoints: dict[tuple[str, str, str], Any] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] not in {"http", "websocket"}:
             await self.app(scope, receive, send)
             return
-        key = (scope["method"], scope.get("root_path", ""), scope["path"])
+        key = (scope.get("method", "WEBSOCKET"), scope.get("root_path", ""), scope["path"])
         if key in self._endpoints:
             endpoint = self._endpoints[key]
         else:
@@ -51,13 +51,14 @@ def needs_principal(scope: Scope) -> bool:
 
 
 def _endpoint(scope: Scope) -> Any:
-    """The endpoint of the FastAPI route this request is for: the routes `authorize` guards.
+    """The endpoint of the FastAPI route (or websocket route) this request is for.
 
-    None for no match (the router answers 404 or 405) and for a plain Starlette route
-    (docs in development), which app dependencies do not reach either.
+    None for no match (the router answers 404 or 405) and for a plain Starlette route (the
+    docs, in development only): tests/test_auth.py fails on such a route in a deployed app.
     """
     for route in iter_route_contexts(getattr(scope.get("app"), "routes", [])):
         match, _ = route.matches(scope)
         if match is Match.FULL:
-            return route.endpoint if isinstance(route.original_route, APIRoute) else None
+            fastapi_route = isinstance(route.original_route, (APIRoute, APIWebSocketRoute))
+            return route.endpoint if fastapi_route else None
     return None
