@@ -2,8 +2,9 @@
 
 A declared Content-Length over the limit is refused before a byte is read; a
 body without one (chunked) is counted as it arrives and refused the moment it
-passes the limit. Both answers are the same 413 problem. A request with neither
-Content-Length nor Transfer-Encoding has no body (RFC 9112, 6.3): it passes as it is.
+passes the limit. Both answers are the same 413 problem. An HTTP/1 request with
+neither Content-Length nor Transfer-Encoding has no body (RFC 9112, 6.3): it passes as it
+is (HTTP/2 frames a body without either, so there it is counted).
 """
 
 from starlette.datastructures import Headers
@@ -35,7 +36,7 @@ class BodySizeLimitMiddleware:
             return
         headers = Headers(scope=scope)
         declared = headers.get("content-length")
-        if declared is None and "transfer-encoding" not in headers:
+        if declared is None and "transfer-encoding" not in headers and _http1(scope):
             await self.app(scope, receive, send)  # no body: nothing to count
             return
         if declared is not None:
@@ -69,3 +70,7 @@ class BodySizeLimitMiddleware:
             if started:
                 raise
             await refuse(scope, receive, send, 413, error.detail)
+
+
+def _http1(scope: Scope) -> bool:
+    return scope.get("http_version") in {"1.0", "1.1"}

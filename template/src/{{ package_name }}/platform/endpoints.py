@@ -33,13 +33,15 @@ class EndpointMiddleware:
             await self.app(scope, receive, send)
             return
         key = (scope.get("method", "WEBSOCKET"), scope.get("root_path", ""), scope["path"])
-        if key in self._endpoints:
-            endpoint = self._endpoints[key]
-        else:
+        endpoint = self._endpoints.get(key)
+        if endpoint is None:
             endpoint = _endpoint(scope)
-            if len(self._endpoints) >= self.CACHE_SIZE:
-                self._endpoints.clear()
-            self._endpoints[key] = endpoint
+            # Only found endpoints are kept: a route added later to a path that had none
+            # is found on its first request, never taken for "no route" (and open).
+            if endpoint is not None:
+                if len(self._endpoints) >= self.CACHE_SIZE:
+                    self._endpoints.clear()
+                self._endpoints[key] = endpoint
         state.set_endpoint(scope, endpoint)
         await self.app(scope, receive, send)
 

@@ -2,9 +2,9 @@
 
 FastAPI documents what a route returns itself (its response model, 422 for invalid input).
 The platform around every route answers more: 401 and 403 from the deny-by-default
-dependency, 429 and the RateLimit headers from the limiter, 400 and 413 from the body
-limit, 503 when a dependency is unavailable, 500 for a bug, and every error as
-problem+json. `install` adds them to each operation, so a new route gets them without
+middleware and require_scopes, 429 and the RateLimit headers from the limiter, 400 and
+413 from the body limit, 503 when a dependency is unavailable, 500 for a bug, and every
+error as problem+json. `install` adds them to each operation, so a new route gets them without
 boilerplate; a route declares only the answers of its own logic, e.g.
 `responses={404: {"description": "No note with this id."}}`, and those get the
 problem+json body here as well. Generated clients then know the error format.
