@@ -26,13 +26,14 @@ class EndpointMiddleware:
         self.app = app
         # Routing again for every request costs more than a probe. Bounded: emptied when
         # full (many distinct ids).
-        self._endpoints: dict[tuple[str, str, str], Any] = {}
+        self._endpoints: dict[tuple[str, str, str, str], Any] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] not in {"http", "websocket"}:
             await self.app(scope, receive, send)
             return
-        key = (scope.get("method", "WEBSOCKET"), scope.get("root_path", ""), scope["path"])
+        # The scope's type too: an HTTP method may be any token, "WEBSOCKET" included.
+        key = (scope["type"], scope.get("method", ""), scope.get("root_path", ""), scope["path"])
         endpoint = self._endpoints.get(key)
         if endpoint is None:
             endpoint = _endpoint(scope)
