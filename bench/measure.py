@@ -4,7 +4,7 @@ import statistics
 import time
 
 from .load import combine, run_wrk
-from .plan import Plan
+from .plan import Plan, request_headers
 from .servers import HOST, Server, get_status
 
 APPS = ("generated", "bare")
@@ -35,7 +35,10 @@ def warm_up(servers: dict[str, Server], plan: Plan, headers: dict) -> None:
         for server in servers.values():
             for path in plan.endpoints.values():
                 run_wrk(
-                    url(server, path), connections=16, seconds=plan.warmup_seconds, headers=headers
+                    url(server, path),
+                    connections=16,
+                    seconds=plan.warmup_seconds,
+                    headers=request_headers(path, headers),
                 )
                 server.drain(path, headers)
 
@@ -49,7 +52,10 @@ def compare(
         for name in APPS if repeat % 2 == 0 else reversed(APPS):
             server = servers[name]
             load = run_wrk(
-                url(server, path), connections=connections, seconds=plan.seconds, headers=headers
+                url(server, path),
+                connections=connections,
+                seconds=plan.seconds,
+                headers=request_headers(path, headers),
             )
             runs[name].append(load)
             server.drain(path, headers)

@@ -3,6 +3,8 @@
 from dataclasses import dataclass, field
 
 ENDPOINTS = {"healthz": "/healthz", "notes": "/notes?limit=10"}
+# Called as orchestrators and load balancers call them: without credentials.
+PROBES = frozenset({ENDPOINTS["healthz"]})
 OWNER = "bench-user"  # the principal whose notes the list returns
 
 
@@ -34,3 +36,8 @@ SMOKE = Plan(
     connections=(16,),
     growth_sizes=(1_000, 10_000),
 )
+
+
+def request_headers(path: str, headers: dict[str, str]) -> dict[str, str]:
+    """What wrk sends to `path`: the credentials, except to a probe."""
+    return {} if path.partition("?")[0] in PROBES else headers

@@ -7,7 +7,6 @@ neither Content-Length nor Transfer-Encoding has no body (RFC 9112, 6.3): it pas
 is (HTTP/2 frames a body without either, so there it is counted).
 """
 
-from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -34,9 +33,13 @@ class BodySizeLimitMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        headers = Headers(scope=scope)
-        declared = headers.get("content-length")
-        if declared is None and "transfer-encoding" not in headers and _http1(scope):
+        declared = framed = None  # the first Content-Length, the first Transfer-Encoding
+        for name, value in scope["headers"]:  # lowercase names (ASGI); no Headers object
+            if name == b"content-length" and declared is None:
+                declared = value
+            elif name == b"transfer-encoding" and framed is None:
+                framed = value
+        if declared is None and framed is None and _http1(scope):
             await self.app(scope, receive, send)  # no body: nothing to count
             return
         if declared is not None:
