@@ -9,7 +9,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from . import database, machine, project
-from .measure import compare, difference, idle_rss_mb, median_boot, warm_up
+from .measure import compare, difference, idle_rss_mb, median_boot, prime, warm_up
 from .plan import OWNER, Plan
 from .servers import Server, free_port
 
@@ -107,6 +107,8 @@ def measure_workers(
     plan: Plan, servers: dict[str, Server], workers: int, headers: dict, log: Log
 ) -> dict:
     log(f"workers={workers}: booting both apps ({plan.boots}x each)")
+    for server in servers.values():
+        prime(server, plan, headers)
     boot = {name: median_boot(server, plan.boots) for name, server in servers.items()}
     rss = {name: idle_rss_mb(server, plan, headers) for name, server in servers.items()}
     warm_up(servers, plan, headers)
