@@ -81,9 +81,7 @@ class Outbound:
         instrument: Callable[[httpx.AsyncClient], None] | None = None,
         metrics: Metrics | None = None,
     ) -> None:
-        self.settings = settings
-        self.deadline = settings.outbound_deadline
-        self.retries = settings.outbound_retries
+        self.settings = settings  # OUTBOUND_*: the client's timeouts, each call's deadline, retries
         self.metrics = metrics
         self._instrument = instrument
         self._client: httpx.AsyncClient | None = None
@@ -113,15 +111,16 @@ class Outbound:
 
     async def request(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
         method = method.upper()
-        attempts = 1 + (self.retries if method in IDEMPOTENT_METHODS else 0)
+        attempts = 1 + (self.settings.outbound_retries if method in IDEMPOTENT_METHODS else 0)
         host = httpx.URL(url).host
+        deadline = self.settings.outbound_deadline
         try:
-            async with asyncio.timeout(self.deadline):
+            async with asyncio.timeout(deadline):
                 response = await self._attempt(method, url, attempts, host, **kwargs)
         except TimeoutError:
             self._count(host, "timeout")
             log.warning("upstream deadline exceeded", host=host, method=method)
-            raise UpstreamTimeout(f"{host} did not answer within {self.deadline} s") from None
+            raise UpstreamTimeout(f"{host} did not answer within {deadline} s") from None
         except UpstreamError as error:
             self._count(host, "timeout" if isinstance(error, UpstreamTimeout) else "error")
             raise
